@@ -1,0 +1,39 @@
+"""Data knobs of the streaming pipeline; part of the trainer's one config tree (`data.*`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    # A manifest (.json), a shard URL or glob (local, s3://, memory://, any fsspec URL), or a
+    # raw file (TSLib-style CSV, TF-C .pt, .npy/.npz, UCR .tsv) converted to shards under `cache_dir` on first use.
+    source: str = "data/ETTh1.csv"
+    format: Literal["auto", "parquet", "webdataset"] = "auto"
+    split: Literal["train", "val", "test"] = "train"
+    cache_dir: str = "data/shards"
+    window_stride: int = 1  # stride between consecutive windows of one series
+    channels: Literal["multivariate", "independent"] = "multivariate"  # [C, L] windows or [1, L] per channel
+    short_series: Literal["drop", "pad", "error"] = "drop"
+    normalize: bool = True  # z-score with the manifest's train-split per-channel statistics
+    shuffle: bool = True
+    shuffle_buffer: int = 1024  # windows shuffled together: consecutive shards are grouped until a group holds this many, then permuted exactly
+    infinite: bool = False  # resample forever (step-based training)
+    num_workers: int = 0
+    prefetch: int = 4  # batches read ahead per worker (DataLoader prefetch_factor; producer queue with 0 workers)
+    read_ahead: int = 2  # shards fetched + decoded ahead by a background thread in each worker
+    on_bad_sample: Literal["error", "skip"] = "error"
+    retries: int = 3  # transient object-store errors
+    retry_backoff: float = 0.2  # seconds before the first retry; doubles per attempt (capped at 10 s)
+    storage_options: dict = field(default_factory=dict)  # passed to fsspec (e.g. endpoint_url, key, secret)
+
+    def validate(self) -> None:
+        if self.window_stride < 1:
+            raise ValueError(f"window_stride must be >= 1, got {self.window_stride}")
+        if self.num_workers < 0 or self.prefetch < 1 or self.shuffle_buffer < 1 or self.retries < 0:
+            raise ValueError("num_workers >= 0, prefetch >= 1, shuffle_buffer >= 1, retries >= 0 required")
+        if self.read_ahead < 0 or self.retry_backoff < 0:
+            raise ValueError("read_ahead >= 0 and retry_backoff >= 0 required")
+        if not self.source:
+            raise ValueError("source must name a manifest, shard URL/glob or a raw data file")

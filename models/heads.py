@@ -1,0 +1,67 @@
+"""Task heads on the pre-trained encoder: the fine-tuning side of the encoder API.
+
+The encoder maps [N, L] univariate series to [N, T, d] tokens; heads read those tokens. Both
+task models normalise each input series (instance norm, as in pre-training) and keep channels
+independent, so a checkpoint pre-trained on C channels fine-tunes on any channel count.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .encoder import Encoder, instance_norm
+
+
+class ForecastHead(nn.Module):
+    """Flatten [N, T, d] + linear to the horizon (the reference)."""
+
+    def __init__(self, num_tokens: int, d_model: int, horizon: int, dropout: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(num_tokens * d_model, horizon)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.linear(z.flatten(1)))
+
+
+class ClassifyHead(nn.Module):
+    """Mean-pool tokens and channels, then linear to classes."""
+
+    def __init__(self, d_model: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.linear = nn.Linear(d_model, num_classes)
+
+    def forward(self, z: torch.Tensor, channels: int) -> torch.Tensor:
+        pooled = z.mean(1)  # [B*C, d]
+        pooled = pooled.view(-1, channels, pooled.shape[-1]).mean(1)
+        return self.linear(self.drop(pooled))
+
+
+class Forecaster(nn.Module):
+    """[B, C, L] history -> [B, C, H] forecast, channel-independent, de-normalised."""
+
+    def __init__(self, encoder: Encoder, horizon: int, dropout: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.head = ForecastHead(encoder.num_tokens, encoder.cfg.d_model, horizon, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, length = x.shape
+        xn, mean, std = instance_norm(x.reshape(b * c, length).float())
+        y = self.head(self.encoder(xn)) * std + mean
+        return y.view(b, c, -1)
+
+
+class Classifier(nn.Module):
+    """[B, C, L] -> [B, classes] logits."""
+
+    def __init__(self, encoder: Encoder, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.head = ClassifyHead(encoder.cfg.d_model, num_classes, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, length = x.shape
+        xn, _, _ = instance_norm(x.reshape(b * c, length).float())
+        return self.head(self.encoder(xn), c)

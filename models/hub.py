@@ -1,0 +1,126 @@
+"""Published weights: `model.safetensors` + `config.json`, on a local path or any fsspec URL.
+
+Only torch and safetensors are needed to load (no DeepSpeed, no pickle), so anyone can fine-tune
+a published checkpoint. fsspec is imported only for URLs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import SimMTMConfig
+from .encoder import Encoder
+from .simmtm import SimMTM
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def write_bytes(path: str, data: bytes, storage_options: Optional[dict] = None) -> None:
+    if _is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "wb", **(storage_options or {})) as f:
+            f.write(data)
+    else:
+        p = Path(str(path).removeprefix("file://"))
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(p)
+
+
+def read_bytes(path: str, storage_options: Optional[dict] = None) -> bytes:
+    if _is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "rb", **(storage_options or {})) as f:
+            return f.read()
+    return Path(str(path).removeprefix("file://")).read_bytes()
+
+
+def join(folder: str, name: str) -> str:
+    return f"{str(folder).rstrip('/')}/{name}"
+
+
+def config_from_dict(d: dict) -> SimMTMConfig:
+    names = {f.name for f in dataclasses.fields(SimMTMConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"config.json: unknown model fields {sorted(unknown)}")
+    cfg = SimMTMConfig(**d)
+    cfg.validate()
+    return cfg
+
+
+def save_pretrained(model: SimMTM, folder: str, extra: Optional[dict] = None, include_heads: bool = True,
+                    storage_options: Optional[dict] = None) -> None:
+    """Write fp32 weights (encoder, and optionally the pre-training heads) and the architecture."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+             if include_heads or k.startswith("encoder.")}
+    meta = {"format": "simmtm", "include_heads": str(include_heads)}
+    write_bytes(join(folder, WEIGHTS), st_save(state, metadata=meta), storage_options)
+    config = {"model": dataclasses.asdict(model.cfg), **(extra or {})}
+    write_bytes(join(folder, CONFIG), json.dumps(config, indent=2).encode(), storage_options)
+
+
+def load_state(folder: str, storage_options: Optional[dict] = None) -> tuple[SimMTMConfig, dict, dict]:
+    """(architecture, fp32 state dict, the whole config.json) with clear errors for bad files."""
+    cfg_path, w_path = join(folder, CONFIG), join(folder, WEIGHTS)
+    try:
+        config = json.loads(read_bytes(cfg_path, storage_options))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{cfg_path}: not found (is {folder} a published SimMTM folder?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if "model" not in config:
+        raise ValueError(f"{cfg_path}: no 'model' section")
+    cfg = config_from_dict(config["model"])
+    try:
+        data = read_bytes(w_path, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{w_path}: not found") from None
+    try:
+        state = st_load(data)
+    except (SafetensorError, Exception) as e:  # truncated or tampered files fail to parse here
+        raise ValueError(f"{w_path}: not a valid safetensors file ({len(data)} bytes): {e}") from None
+    return cfg, state, config
+
+
+def load_pretrained(folder: str, storage_options: Optional[dict] = None) -> Encoder:
+    """Rebuild the pre-trained encoder from a published folder (local path or URL)."""
+    cfg, state, _ = load_state(folder, storage_options)
+    enc = Encoder(cfg)
+    prefix = "encoder."
+    enc_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        enc.load_state_dict(enc_state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{join(folder, WEIGHTS)}: weights do not match config.json: {e}") from None
+    return enc.eval()
+
+
+def load_simmtm(folder: str, storage_options: Optional[dict] = None) -> SimMTM:
+    """The whole pre-training model (needs a folder published with the heads)."""
+    cfg, state, _ = load_state(folder, storage_options)
+    model = SimMTM(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{join(folder, WEIGHTS)}: weights do not match a full SimMTM model: {e}") from None
+    return model.eval()
+
+
+def encoder_state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

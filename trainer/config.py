@@ -1,0 +1,241 @@
+"""One typed config tree for every entry point: dataclasses, filled from YAML, then `key=value` overrides.
+
+Why a hand-rolled loader: the tree is small, and we want errors that name the exact dotted key
+(`model.d_modle: unknown key; did you mean d_model?`) and reject bad types before any rank starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from data_pipeline.config import DataConfig
+from models.config import SimMTMConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the key."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # windows per rank per micro-step
+    grad_accum: int = 1
+    epochs: int = 50
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (overrides epochs)
+    seed: int = 2023
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_every: int = 10
+    progress: bool = True
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    deepspeed: bool = False  # wrap the model in a DeepSpeed engine
+    ds_config: str = "cluster/ds_config.json"
+    zero_stage: int = -1  # -1 keeps the JSON's value
+    global_constraint: bool = True  # all-gather series representations for the constraint loss
+    global_aggregation: bool = False  # aggregate over the global batch (gathers point-wise values too)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/etth1"
+    every: int = 0  # save every K steps; 0 saves only at the end
+    keep: int = 3
+    resume: str = "none"  # none | auto | <path>
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    image_every: int = 100
+
+
+@dataclass
+class Config:
+    name: str = "simmtm"
+    model: SimMTMConfig = field(default_factory=SimMTMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- coercion
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: unknown key{hint} (known: {', '.join(names)})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**{k: v for k, v in kwargs.items() if not dataclasses.is_dataclass(hints[k])})
+    for k, v in kwargs.items():
+        if dataclasses.is_dataclass(hints[k]):
+            setattr(obj, k, v)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{prefix or 'config'}: {e}") from None
+    return obj
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (e.g. train.batch_size=8)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = Config) -> Any:
+    """Defaults <- YAML file <- overrides, then type-checked and validated as one tree."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        _merge(tree, loaded)
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return _build(cls, tree)
+
+
+def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """`[--config FILE] [key=value ...]`; launcher-injected `--local_rank=N` is tolerated and dropped."""
+    path, overrides = None, []
+    it = iter(argv)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+            if path is None:
+                raise ConfigError("--config needs a file")
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a.startswith("--local_rank") or a.startswith("--local-rank"):
+            if "=" not in a:
+                next(it, None)
+        else:
+            overrides.append(a)
+    return path, overrides

@@ -1,0 +1,199 @@
+"""Everything that knows about other processes lives here, and nowhere else.
+
+Launchers tell a process who it is in different ways: torchrun and the deepspeed launcher set
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; Slurm's srun sets SLURM_*; Open MPI / PMI set their own; a
+plain `python` sets nothing. `discover()` turns any of them into one `DistEnv`, `setup()` exports
+the standard variables (so DeepSpeed never falls back to mpi4py) and starts the process group.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # torchrun | deepspeed | slurm | mpi | single
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand Slurm's compressed host lists: 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1."""
+    hosts = []
+    parts = re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist)
+    for part in parts:
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{k:0{width}d}{suffix}" for k in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover(environ: Optional[dict] = None) -> DistEnv:
+    """Rank, world and rendezvous from whichever launcher started this process."""
+    e = os.environ if environ is None else environ
+    port = int(e.get("MASTER_PORT", 0) or 0)
+    if "RANK" in e and "WORLD_SIZE" in e:
+        launcher = "deepspeed" if "CROSS_RANK" in e or "DS_ACCELERATOR" in e or "PDSH_RCMD_TYPE" in e else "torchrun"
+        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
+                       e.get("MASTER_ADDR", "127.0.0.1"), port or 29500, launcher)
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
+        hosts = expand_nodelist(e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST") or "127.0.0.1")
+        # A port every task derives alike from the job id, unless the batch script chose one.
+        job = int(e.get("SLURM_JOB_ID", "0") or 0)
+        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
+                       e.get("MASTER_ADDR") or hosts[0], port or 20000 + job % 20000, "slurm")
+    if "OMPI_COMM_WORLD_RANK" in e or "PMI_RANK" in e:
+        rank = int(e.get("OMPI_COMM_WORLD_RANK", e.get("PMI_RANK", 0)))
+        world = int(e.get("OMPI_COMM_WORLD_SIZE", e.get("PMI_SIZE", 1)))
+        local = int(e.get("OMPI_COMM_WORLD_LOCAL_RANK", e.get("MPI_LOCALRANKID", 0)))
+        if "MASTER_ADDR" not in e and world > 1:
+            raise RuntimeError("MPI launch: set MASTER_ADDR (and MASTER_PORT) to the first host for rendezvous")
+        return DistEnv(rank, world, local, e.get("MASTER_ADDR", "127.0.0.1"), port or 29500, "mpi")
+    return DistEnv(0, 1, 0, "127.0.0.1", port or _free_port(), "single")
+
+
+def setup(backend: str = "auto", use_deepspeed: bool = False) -> DistEnv:
+    """Export the standard variables, pick the device, start the process group when needed."""
+    env = discover()
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        env.device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        env.device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    elif env.distributed and not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    return env
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-shaped tensors from all ranks; the backward returns each rank the sum of
+    every rank's gradient for its slice (all_reduce works on gloo, where reduce_scatter does not)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's output feeds every rank's loss, so the backward sums too."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone().contiguous()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone().contiguous()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    return _AllReduceSum.apply(t)
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    return _AllGather.apply(t)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if world()[1] == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / world()[1]
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
