@@ -90,7 +90,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, explicit_attention: bool = False) -> torch.Tensor:
         if x.shape[-1] != self.cfg.seq_len:
             raise ValueError(f"encoder expects series of length {self.cfg.seq_len}, got {x.shape[-1]}")
-        h = self.drop(self.tokens(x) + self.pos)
+        tok = self.tokens(x)
+        h = self.drop(tok + self.pos.to(tok.dtype))
         for layer in self.layers:
             h = layer(h, explicit_attention)
         return self.norm(h)

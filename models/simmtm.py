@@ -45,18 +45,21 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-        if reduce is None or not self.training:
-            return super().forward(x)
+        # Statistics and normalisation in fp32 whatever the weights' dtype (bf16 under DeepSpeed).
         xf = x.float()
-        count = reduce(torch.tensor([float(x.shape[0])], device=x.device))
-        mean = reduce(xf.sum(0)) / count
-        var = reduce(((xf - mean) ** 2).sum(0)) / count
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-            unbiased = var.detach() * count / (count - 1).clamp(min=1)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
-            self.num_batches_tracked += 1
+        if self.training:
+            reduce = reduce or (lambda t: t)
+            count = reduce(torch.tensor([float(x.shape[0])], device=x.device))
+            mean = reduce(xf.sum(0)) / count
+            var = reduce(((xf - mean) ** 2).sum(0)) / count
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        else:
+            mean, var = self.running_mean.float(), self.running_var.float()
         y = (xf - mean) / torch.sqrt(var + self.eps)
         if self.affine:
             y = y * self.weight.float() + self.bias.float()
@@ -98,9 +101,12 @@ class AutomaticWeightedLoss(nn.Module):
         super().__init__()
         self.sigma = nn.Parameter(torch.ones(n))
 
-    def forward(self, *losses: torch.Tensor) -> torch.Tensor:
-        s2 = self.sigma.float() ** 2
-        return sum(0.5 / s2[k] * l + torch.log1p(s2[k]) for k, l in enumerate(losses))
+    def forward(self, *losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted total, sigma detached); sigma is read here, inside this module's forward,
+        because ZeRO-3 only materialises a module's parameters during its own forward."""
+        sigma = self.sigma.float()
+        s2 = sigma ** 2
+        return sum(0.5 / s2[k] * l + torch.log1p(s2[k]) for k, l in enumerate(losses)), sigma.detach().clone()
 
 
 def similarity_logits(q: torch.Tensor, k: torch.Tensor, temperature: float,
@@ -191,9 +197,11 @@ class SimMTM(nn.Module):
         pred = self.decoder(z_agg).float() * std[:n0] + mean[:n0]
         loss_rec = F.mse_loss(pred, x0)
         losses = (loss_rec, loss_cl) if cfg.constraint_loss else (loss_rec,)  # ablation: no constraint
-        loss = self.awl(*losses) if cfg.auto_weight else sum(losses)
+        loss, sigma = self.awl(*losses)
+        if not cfg.auto_weight:
+            loss = sum(losses)
         out = {"loss": loss, "loss_rec": loss_rec.detach(), "loss_cl": loss_cl.detach(),
-               "sigma_rec": self.awl.sigma[0].detach(), "sigma_cl": self.awl.sigma[1].detach(), "num_series": n}
+               "sigma_rec": sigma[0], "sigma_cl": sigma[1], "num_series": n0}
         if details:
             out.update(pred=pred.detach().view(b, c, length), weights=w.detach(), keep=keep)
         return out

@@ -15,7 +15,7 @@ def test_reference_config_matches_spec():
 def test_overrides_and_types():
     c = load_config(REPO_ROOT / "configs/etth1.yaml", ["train.batch_size=4", "model.temperature=0.1",
                                                        "data.storage_options={endpoint_url: http://x}",
-                                                       "optim.betas=[0.8, 0.9]", "train.progress=false"])
+                                                       "optim.betas=[0.8, 0.9]", "train.progress=false", "optim.lr=1e-3"])
     assert c.train.batch_size == 4 and c.model.temperature == 0.1 and c.optim.betas == (0.8, 0.9)
     assert c.data.storage_options == {"endpoint_url": "http://x"} and c.train.progress is False
     assert isinstance(load_config(), Config)
@@ -25,6 +25,7 @@ def test_overrides_and_types():
     ("model.d_modle=8", "model.d_modle: unknown key; did you mean 'd_model'"),
     ("train.batch_size=abc", "train.batch_size: expected an integer"),
     ("train.batch_size=1.5", "train.batch_size: expected an integer"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
     ("model.mask=zeros", "model.mask: 'zeros' is not one of"),
     ("model.n_heads=5", "d_model (32) must be divisible by n_heads (5)"),
     ("model.mask_ratio=1.5", "mask_ratio must be in (0, 1)"),

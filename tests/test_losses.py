@@ -168,3 +168,21 @@ def test_ablation_and_fixed_weighting():
     ablate = SimMTM(small_cfg(auto_weight=False, constraint_loss=False))
     out = ablate(x, generator=g())
     assert torch.allclose(out["loss"], out["loss_rec"])
+
+
+def test_global_batchnorm_without_reduce_is_batchnorm():
+    from models.simmtm import GlobalBatchNorm1d
+
+    torch.manual_seed(6)
+    ours, ref = GlobalBatchNorm1d(5), torch.nn.BatchNorm1d(5)
+    with torch.no_grad():
+        ours.weight.uniform_(), ours.bias.uniform_()
+    ref.load_state_dict(ours.state_dict())
+    for _ in range(3):
+        x = torch.randn(7, 5) * 3 + 1
+        assert torch.allclose(ours(x), ref(x), atol=1e-5)
+    assert torch.allclose(ours.running_mean, ref.running_mean, atol=1e-6)
+    assert torch.allclose(ours.running_var, ref.running_var, atol=1e-5)
+    ours.eval(), ref.eval()
+    x = torch.randn(4, 5)
+    assert torch.allclose(ours(x), ref(x), atol=1e-5)

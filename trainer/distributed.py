@@ -197,3 +197,38 @@ def all_gather_object(obj) -> list:
     out = [None] * world()[1]
     dist.all_gather_object(out, obj)
     return out
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    """sha256 of every full parameter and buffer of this rank's replica (ZeRO-3 shards gathered first).
+
+    Collective under ZeRO-3. Equal digests on all ranks prove the replicas are identical.
+    """
+    import hashlib
+
+    params = list(module.parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    h = hashlib.sha256()
+    with ctx:
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sum_counters(counters: dict) -> dict:
+    """Add up numeric counters (e.g. skipped samples) over all ranks."""
+    parts = all_gather_object(dict(counters))
+    out: dict = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v if isinstance(v, (int, float)) else v
+    return out

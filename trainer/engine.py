@@ -56,7 +56,7 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict:
     sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
     sp = sched.setdefault("params", {})
     fill(sp, "total_num_steps", total_steps)
-    fill(sp, "warmup_num_steps", cfg.optim.warmup_steps)
+    fill(sp, "warmup_num_steps", max(1, cfg.optim.warmup_steps))  # DeepSpeed requires >= 1
     fill(sp, "cos_min_ratio", cfg.optim.min_lr_ratio)
     precision = cfg.train.precision
     for key in ("bf16", "fp16"):

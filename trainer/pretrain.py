@@ -56,6 +56,7 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = SimMTM(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     engine, ds_config = build_engine(model, cfg, env.device, total)
     generator = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 1000 + env.rank)
     reduce = dist.all_reduce_with_grad if env.distributed else None  # projector BN over the global batch
@@ -77,7 +78,7 @@ def train(cfg: Config) -> dict:
         ckpt_dir = Path(cfg.ckpt.dir) / "checkpoints"
 
     monitor = Monitor(env.is_main, cfg.ckpt.dir, total, cfg.train.progress, cfg.log.tensorboard)
-    monitor.print(f"simmtm: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+    monitor.print(f"simmtm: {n_params / 1e6:.1f}M parameters, "
                   f"{env.world_size} rank(s) [{env.launcher}] on {env.device}, "
                   f"engine={'deepspeed' if use_ds else 'torch'}, {total} steps ({steps_per_epoch}/epoch), "
                   f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum"
@@ -106,10 +107,11 @@ def train(cfg: Config) -> dict:
             want_image = cfg.log.image_every > 0 and (step + 1) % cfg.log.image_every == 0 and env.is_main
             out = engine(x, gather=gather, generator=generator,
                          global_aggregation=cfg.dist.global_aggregation, details=want_image)
+            lr = engine.get_lr()[0]  # the rate this step uses
             engine.backward(out["loss"])
             engine.step()
             for k in acc:
-                acc[k] += float(out[k]) / cfg.train.grad_accum
+                acc[k] += float(out[k].detach()) / cfg.train.grad_accum
             micro += 1
             meter.add(out["num_series"] * env.world_size, out["num_series"] * x.shape[-1] * env.world_size, wait)
             wait_mark = loader.wait_seconds
@@ -119,7 +121,7 @@ def train(cfg: Config) -> dict:
             means = {k: float(dist.all_reduce_mean(torch.tensor(v))) for k, v in acc.items()}
             acc = {k: 0.0 for k in acc}
             rates = meter.rates()
-            record = {"step": step, **means, "lr": engine.get_lr()[0],
+            record = {"step": step, **means, "lr": lr,
                       "series_per_s": rates["series_per_s"]}
             if step == 1 or step % cfg.train.log_every == 0 or step == total:
                 history.append(record)
@@ -148,12 +150,15 @@ def train(cfg: Config) -> dict:
         break
 
     last_saved = save(step)
+    digests = dist.all_gather_object(dist.parameter_digest(engine.module))
+    data_stats = dist.sum_counters(loader.stats)
     rates = meter.rates()
     summary = {"steps": step, "epochs_started": epoch + 1, "first": history[0] if history else None,
                "last": history[-1] if history else None, "series_per_s": rates["series_per_s"],
                "points_per_s": rates["points_per_s"], "data_wait_fraction": rates["data_wait_fraction"],
                "peak_memory_gb": peak_memory_gb(env.device), "elapsed_s": meter.elapsed,
-               "world_size": env.world_size, "checkpoint": str(last_saved), "data_stats": loader.stats,
+               "world_size": env.world_size, "checkpoint": str(last_saved), "data_stats": data_stats,
+               "replicas_identical": len(set(digests)) == 1, "parameter_digests": digests,
                "history": history}
     monitor.hparams(_flatten(to_dict(cfg)), {"final/loss_rec": summary["last"]["loss_rec"] if history else 0.0})
     monitor.close()
@@ -175,7 +180,8 @@ def print_summary(s: dict) -> None:
             ("data wait", f"{100 * s['data_wait_fraction']:.2f}% of wall time"),
             ("peak memory", f"{s['peak_memory_gb']:.2f} GB"),
             ("wall time", f"{s['elapsed_s']:.1f} s on {s['world_size']} rank(s)"),
-            ("skipped samples", json.dumps(s["data_stats"])),
+            ("data", json.dumps(s["data_stats"])),
+            ("replicas identical", f"{s['replicas_identical']} ({s['world_size']} rank(s))"),
             ("checkpoint", s["checkpoint"])]
     width = max(len(r[0]) for r in rows)
     print("\n== SimMTM pre-training summary ==")
