@@ -7,8 +7,9 @@ from typing import Literal
 
 @dataclass
 class DataConfig:
-    # A manifest (.json), a shard URL or glob (local, s3://, memory://, any fsspec URL), or a
-    # raw file (TSLib-style CSV, TF-C .pt, .npy/.npz, UCR .tsv) converted to shards under `cache_dir` on first use.
+    # A manifest (.json), a folder with manifest.json, a shard URL or glob (local, s3://, memory://, any
+    # fsspec URL), or a raw file (TSLib CSV, TF-C .pt, .npy/.npz, UCR .tsv) converted under `cache_dir` on
+    # first use. See data_pipeline/README.md.
     source: str = "data/ETTh1.csv"
     format: Literal["auto", "parquet", "webdataset"] = "auto"
     split: Literal["train", "val", "test"] = "train"
@@ -18,12 +19,17 @@ class DataConfig:
     short_series: Literal["drop", "pad", "error"] = "drop"
     normalize: bool = True  # z-score with the manifest's train-split per-channel statistics
     shuffle: bool = True
-    shuffle_buffer: int = 1024  # windows shuffled together: consecutive shards are grouped until a group holds this many, then permuted exactly
+    # windows shuffled together: consecutive shards are grouped until a group holds this many; a group is
+    # permuted exactly (a small set such as ETTh1 is one group: a full shuffle)
+    shuffle_buffer: int = 1024
     infinite: bool = False  # resample forever (step-based training)
     num_workers: int = 0
-    prefetch: int = 4  # batches read ahead per worker (DataLoader prefetch_factor; producer queue with 0 workers)
+    # items read ahead per worker (DataLoader prefetch_factor; an item is up to 16 batches, ~4 MB);
+    # with num_workers 0: batches queued by the producer thread
+    prefetch: int = 4
     read_ahead: int = 2  # shards fetched + decoded ahead by a background thread in each worker
     on_bad_sample: Literal["error", "skip"] = "error"
+    verify_checksums: bool = True  # check each shard's sha256 against the manifest (catches silent corruption)
     retries: int = 3  # transient object-store errors
     retry_backoff: float = 0.2  # seconds before the first retry; doubles per attempt (capped at 10 s)
     storage_options: dict = field(default_factory=dict)  # passed to fsspec (e.g. endpoint_url, key, secret)

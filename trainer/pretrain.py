@@ -121,8 +121,8 @@ def train(cfg: Config) -> dict:
             means = {k: float(dist.all_reduce_mean(torch.tensor(v))) for k, v in acc.items()}
             acc = {k: 0.0 for k in acc}
             rates = meter.rates()
-            record = {"step": step, **means, "lr": lr,
-                      "series_per_s": rates["series_per_s"]}
+            record = {"step": step, **means, "lr": lr, "series_per_s": rates["series_per_s"],
+                      "time_s": meter.elapsed}
             if step == 1 or step % cfg.train.log_every == 0 or step == total:
                 history.append(record)
                 monitor.print(f"step {step}/{total} loss {means['loss']:.4f} rec {means['loss_rec']:.4f} "

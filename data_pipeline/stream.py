@@ -1,0 +1,421 @@
+"""`ShardStream`: the IterableDataset that turns shards into batches of windows.
+
+Every position of a consumer's epoch order (plan.py) maps to one window without reading data, so a
+consumer can start at any position: that is how mid-epoch resume works (no replay, no buffer state
+to save). Each yielded item is `(n consecutive batches [n, B, C, L] float32, n infos)`; an info
+carries the worker's position after its batch and counter deltas, which `StreamLoader` turns into
+`state_dict()` and `stats` across DataLoader processes.
+
+Read-ahead: daemon threads fetch (with retries), verify, decode and z-score the next `read_ahead`
+shards while the current group is being cut into windows, so in steady state the consumer never
+waits on storage. DataLoader's `prefetch_factor` (data.prefetch) then
+overlaps window cutting with the training step.
+
+Bad input: a shard that cannot be decoded, does not match its manifest, or a series with NaN/inf
+raises `ShardError` naming the shard (and series) when its turn comes, or with `on_bad_sample:
+skip` its windows are skipped and counted (`skipped_bad`, `bad_shards`, `bad_series`) and the
+consumer tops up its quota by wrapping around its own order (`resampled`) so ranks still take equal
+steps. A shard unreachable after the bounded retries is always an error: skipping through an
+outage would silently drop data.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from concurrent.futures import Future
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import fs as _fs
+from .errors import DataError, ShardError, shard_error
+from .plan import Plan, Sequence
+from .shards import check_against_manifest, decode, expand_shapes, sha256, shard_url
+from .windows import ShardWindows, shard_windows
+
+log = logging.getLogger("data_pipeline")
+
+
+class ShardUnreachable(ShardError):
+    """Storage kept failing after the bounded retries; never skipped."""
+
+
+class _Bad:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class _Prepared:
+    """A shard cut to the split's rows and normalised: arrays[i] is [C, rows] float32, None if bad."""
+
+    def __init__(self, arrays: list, bad: dict[int, str], nbytes: int, retries: int):
+        self.arrays, self.bad, self.nbytes, self.retries = arrays, bad, nbytes, retries
+
+
+def _spawn(fn) -> Future:
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - delivered to the consumer
+            fut.set_exception(e)
+    threading.Thread(target=run, daemon=True, name="shard-read-ahead").start()
+    return fut
+
+
+class ShardStream(IterableDataset):
+    """Streams windows of one split of a manifest's shards; see the module docstring.
+
+    `overlap` (default: seq_len) is how many rows val/test start before their border; for
+    forecasting windows of length L+H pass seq_len=L+H, overlap=L.
+    """
+
+    def __init__(self, manifest: dict, *, seq_len: int, batch_size: int, split: str = "train", stride: int = 1,
+                 overlap: Optional[int] = None, channels: str = "multivariate", short_series: str = "drop",
+                 normalize: bool = True, shuffle: bool = True, shuffle_buffer: int = 1024, infinite: bool = False,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
+                 on_bad_sample: str = "error", retries: int = 3, backoff: float = 0.2, read_ahead: int = 2,
+                 storage_options: Optional[dict] = None, drop_last: bool = True, verify: bool = True):
+        if seq_len < 1 or batch_size < 1 or stride < 1:
+            raise DataError(f"seq_len, batch_size and stride must be >= 1 (got {seq_len}, {batch_size}, {stride})")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} outside world_size {world_size}")
+        if on_bad_sample not in ("error", "skip"):
+            raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.manifest = manifest
+        self.url = manifest.get("_url", "<manifest>")
+        self.fmt = manifest["format"]
+        self.seq_len, self.batch_size, self.split, self.stride = seq_len, batch_size, split, stride
+        self.overlap = seq_len if overlap is None else overlap
+        self.independent = channels == "independent"
+        self.short_series, self.normalize, self.infinite = short_series, normalize, infinite
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.workers = max(1, num_workers)
+        self.seed, self.on_bad_sample, self.drop_last = seed, on_bad_sample, drop_last
+        self.retries, self.backoff, self.read_ahead = retries, backoff, max(0, read_ahead)
+        self.storage_options = storage_options or {}
+        self.verify = verify
+        self.epoch = 0
+        self.resume: dict[int, tuple[int, int, int]] = {}
+
+        shards: list[ShardWindows] = []
+        self.plan_stats: Counter = Counter()
+        for i, entry in enumerate(manifest["shards"]):
+            url = shard_url(manifest, entry)
+            if entry["samples"] == 0 or not entry["shapes"]:
+                if on_bad_sample == "skip":
+                    self.plan_stats["bad_shards"] += 1
+                    log.warning("data: skipped bad input: shard %s: empty shard (the manifest lists 0 series)", url)
+                    continue
+                raise shard_error(url, "empty shard (the manifest lists 0 series)")
+            sw = shard_windows(i, url, entry, split, seq_len, stride, self.overlap, self.independent, short_series)
+            if sw is not None:
+                shards.append(sw)
+                self.plan_stats["skipped_short"] += sw.dropped_short
+                self.plan_stats["padded"] += sw.padded
+        if not shards:
+            avail = (manifest.get("splits") or {}).get("available")
+            raise DataError(f"manifest {self.url}: no shards hold the {split!r} split (available: {avail})")
+        chans = {int(c) for s in shards for c in s.C}
+        if not self.independent and len(chans) > 1:
+            by_c: dict[int, str] = {}
+            for s in shards:
+                for c in s.C:
+                    by_c.setdefault(int(c), s.url)
+            raise DataError(f"manifest {self.url}: channels=multivariate needs one channel count per batch, but "
+                            f"shards differ: " + ", ".join(f"C={c} in {u}" for c, u in sorted(by_c.items())) +
+                            "; use data.channels: independent")
+        self.n_channels = 1 if self.independent else (chans.pop() if chans else 0)
+        self.mean = self.std = None
+        if normalize:
+            st = manifest.get("stats")
+            if not st:
+                raise DataError(f"manifest {self.url}: no per-channel statistics (channel counts differ or no "
+                                f"train split); set data.normalize: false")
+            self.mean = np.asarray(st["mean"], dtype=np.float32)
+            self.std = np.asarray(st["std"], dtype=np.float32)
+            bad_c = sorted({int(c) for s in shards for c in s.C if int(c) != len(self.mean)})
+            if bad_c:
+                raise DataError(f"manifest {self.url}: statistics cover {len(self.mean)} channels but series "
+                                f"have {bad_c}; set data.normalize: false")
+        self.plan = Plan(shards, world_size=world_size, rank=rank, workers=self.workers, batch_size=batch_size,
+                         seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last)
+        if rank != 0:  # data-set-wide counts live on rank 0 only, so the trainer can sum stats over ranks
+            self.plan_stats.clear()
+        self.plan_stats["tail_dropped"] = self.plan.tail_dropped()
+
+    # ------------------------------------------------------------------ reading shards
+
+    def _load(self, sid: int) -> Any:
+        """Fetch + decode + prepare one shard (runs on a read-ahead thread). Returns _Prepared or _Bad."""
+        sw = self.plan.shards[sid]
+        retried = [0]
+
+        def on_retry(e: BaseException) -> None:
+            retried[0] += 1
+            log.warning("shard %s: transient error, retrying (%s: %s)", sw.url, type(e).__name__, e)
+        try:
+            data = _fs.read_bytes(sw.url, self.storage_options, self.retries, self.backoff, on_retry)
+        except FileNotFoundError:
+            return self._bad_or_raise(shard_error(sw.url, "not found"))
+        except OSError as e:
+            if "unreachable after" in str(e):
+                raise ShardUnreachable(f"shard {e}") from None
+            raise ShardUnreachable(f"shard {sw.url}: cannot read ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - anything else from the storage client: name the shard
+            raise ShardUnreachable(f"shard {sw.url}: cannot read ({type(e).__name__}: {e})") from None
+        try:
+            want = sw.entry.get("bytes")
+            if want is not None and want != len(data):
+                why = "truncated" if len(data) < want else "modified"
+                raise shard_error(sw.url, f"{why}: {len(data)} bytes, the manifest says {want}")
+            if self.verify and sw.entry.get("sha256") and sha256(data) != sw.entry["sha256"]:
+                raise shard_error(sw.url, "corrupt or modified: content does not match the manifest's sha256")
+            shard = decode(sw.url, data, self.fmt)
+            check_against_manifest(shard, sw.entry)
+            return self._prepare(sw, shard, len(data), retried[0])
+        except ShardError as e:
+            return self._bad_or_raise(e)
+
+    def _bad_or_raise(self, e: ShardError) -> _Bad:
+        if self.on_bad_sample == "skip":
+            return _Bad(str(e))
+        raise e
+
+    def _prepare(self, sw: ShardWindows, shard, nbytes: int, retries: int) -> _Prepared:
+        C, T = expand_shapes(sw.entry["shapes"])
+        L, pad = self.seq_len, self.short_series == "pad"
+        arrays: list = [None] * len(shard)
+        bad: dict[int, str] = {}
+        for i, x in enumerate(shard.arrays):
+            a, b = sw.a, min(int(T[i]), sw.b)
+            if b - a < L and not (pad and b - a > 0):
+                continue  # no windows from this series in this split
+            part = x[:, a:b]
+            if self.mean is not None:  # z-score once per series; windows are views of the result
+                part = (part - self.mean[:, None]) / self.std[:, None]
+            if not np.isfinite(part).all():  # NaN/inf survive the z-scoring, so one check covers both
+                n_bad = int(part.size - np.count_nonzero(np.isfinite(x[:, a:b])))
+                msg = (f"shard {sw.url}: series {shard.ids[i]!r} (#{i}) has {n_bad} NaN/inf value(s) "
+                       f"in rows {a}..{b}")
+                if self.on_bad_sample != "skip":
+                    raise ShardError(msg)
+                bad[i] = msg
+                continue
+            arrays[i] = part
+        return _Prepared(arrays, bad, nbytes, retries)
+
+    # ------------------------------------------------------------------ iteration
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def worker_layout(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            if self.num_workers > 0:
+                raise DataError("ShardStream was built for DataLoader workers but iterated in the main process")
+            return 0
+        if info.num_workers != self.workers:
+            raise DataError(f"ShardStream was built for {self.workers} workers, DataLoader has {info.num_workers}")
+        return info.id
+
+    def transfer_batches(self) -> int:
+        """Batches per item a DataLoader worker hands over: one ~4 MB tensor moves through shared
+        memory much faster than many small ones (the per-item IPC cost dominates small batches)."""
+        if self.num_workers == 0:
+            return 1
+        nbytes = self.batch_size * max(1, self.n_channels) * self.seq_len * 4
+        return int(min(16, max(1, (4 << 20) // nbytes)))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+        """Items are (tensor [n, B, C, L], n infos): n consecutive batches of this worker."""
+        w = self.worker_layout()
+        epoch, pos, k = self.resume.get(w, (self.epoch, 0, 0))
+        return self._chunks(self._emit(w, self.plan.consumer(w), epoch, pos, k), self.transfer_batches())
+
+    @staticmethod
+    def _chunks(batches: Iterator[tuple[np.ndarray, dict]], n: int) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+        buf: list[np.ndarray] = []
+        infos: list[dict] = []
+        try:
+            for b, info in batches:
+                if buf and (len(buf) >= n or b.shape != buf[0].shape):
+                    yield torch.from_numpy(np.stack(buf)), infos
+                    buf, infos = [], []
+                buf.append(b)
+                infos.append(info)
+                if len(buf) >= n:
+                    yield torch.from_numpy(np.stack(buf)), infos
+                    buf, infos = [], []
+            if buf:
+                yield torch.from_numpy(np.stack(buf)), infos
+        finally:
+            batches.close()
+
+    def _emit(self, w: int, consumer: int, epoch: int, pos: int, k: int) -> Iterator[tuple[np.ndarray, dict]]:
+        B = self.batch_size
+        stats: Counter = Counter()
+        bad_msgs: list[str] = []
+        # every consumer reads every shard when striding: let consumer 0 alone count bad shards/series
+        cache = _Cache(self, stats, bad_msgs, count_bad=self.plan.mode == "shard" or consumer == 0)
+        try:
+            while True:
+                seq = self.plan.sequence(consumer, epoch)
+                cache.start(seq)
+                quota, N = self.plan.quotas[consumer], seq.n
+                run = 0  # consecutive skipped positions: a whole lap without a window is an error
+                ahead: list = []  # windows located + sliced ahead of need (never past the quota's last position)
+                while k < quota:
+                    wins: list[np.ndarray] = []
+                    want = B if self.drop_last else min(B, N - pos)
+                    if want <= 0:
+                        break
+                    while len(wins) < want and (self.drop_last or pos < N):
+                        if not ahead:
+                            need = (quota - k) * B - len(wins) if self.drop_last else N - pos
+                            ps = np.arange(pos, pos + max(1, min(need, 2048)), dtype=np.int64)
+                            ahead = cache.fetch(*seq.locate(ps % N))
+                            ahead.reverse()
+                        x = ahead.pop()
+                        if pos >= N:
+                            stats["resampled"] += x is not None
+                        pos += 1
+                        if x is None:
+                            stats["skipped_bad"] += 1
+                            run += 1
+                            if run >= N:
+                                raise DataError(f"consumer {consumer}: no valid window in a whole pass over "
+                                                f"its shards ({N} windows skipped as bad): " + "; ".join(bad_msgs[:3]))
+                            continue
+                        run = 0
+                        wins.append(x)
+                        if not self.drop_last and pos >= N:
+                            break
+                    if not wins:
+                        break
+                    k += 1
+                    stats["windows"] += len(wins)
+                    stats["batches"] += 1
+                    info = {"w": w, "e": epoch, "p": pos, "k": k, "s": dict(stats), "bad": list(bad_msgs)}
+                    stats.clear()
+                    bad_msgs.clear()
+                    yield np.stack(wins), info
+                if not self.infinite:
+                    break
+                epoch, pos, k = epoch + 1, 0, 0
+        finally:
+            cache.close()
+
+    def iter_windows(self, worker: int = 0, epoch: Optional[int] = None) -> Iterator[tuple[tuple, np.ndarray]]:
+        """Every window of one consumer's epoch in stream order, without batching or quotas:
+        ((manifest shard index, series, start row, channel), window). For tests and evaluation."""
+        epoch = self.epoch if epoch is None else epoch
+        seq = self.plan.sequence(self.plan.consumer(worker), epoch)
+        cache = _Cache(self, Counter(), [])
+        cache.start(seq)
+        try:
+            for lo in range(0, seq.n, 4096):
+                ps = np.arange(lo, min(seq.n, lo + 4096), dtype=np.int64)
+                sids, wis, grps = seq.locate(ps)
+                keys = cache.keys(sids, wis)
+                for key, x in zip(keys, cache.fetch(sids, wis, grps)):
+                    if x is not None:
+                        yield key, x
+        finally:
+            cache.close()
+
+
+class _Cache:
+    """The decoded shards of the current group, plus read-ahead futures for the next ones."""
+
+    def __init__(self, ds: ShardStream, stats: Counter, bad_msgs: list[str], count_bad: bool = True):
+        self.ds, self.stats, self.bad_msgs, self.count_bad = ds, stats, bad_msgs, count_bad
+        self.seq: Optional[Sequence] = None
+        self.futures: dict[int, Future] = {}
+        self.ready: dict[int, Any] = {}
+        self.group = -1
+
+    def start(self, seq: Sequence) -> None:
+        self.seq, self.group = seq, -1
+        self.ready.clear()
+
+    def close(self) -> None:
+        self.futures.clear()
+        self.ready.clear()
+
+    def _enter(self, g: int) -> None:
+        seq = self.seq
+        need = seq.group_shards(g)
+        upcoming: list[int] = []
+        for h in range(g + 1, seq.n_groups):
+            upcoming += seq.group_shards(h)
+            if len(upcoming) >= self.ds.read_ahead:
+                break
+        upcoming = upcoming[:self.ds.read_ahead]
+        keep = set(need) | set(upcoming)
+        for sid in need + upcoming:
+            if sid not in self.futures and sid not in self.ready:
+                self.futures[sid] = _spawn(lambda sid=sid: self.ds._load(sid))
+        self.ready = {s: v for s, v in self.ready.items() if s in keep}
+        for sid in list(self.futures):
+            if sid not in keep:
+                del self.futures[sid]  # a wrap-around jumped past it; the thread finishes and is dropped
+        for sid in need:
+            if sid not in self.ready:
+                res = self.futures.pop(sid).result()  # re-raises the loader's exception here, in order
+                if isinstance(res, _Bad):
+                    self.stats["bad_shards"] += self.count_bad
+                    self.bad_msgs.append(res.reason)
+                    log.debug("skipping %s", res.reason)  # reported by the loader in the main process
+                else:
+                    self.stats["shards_read"] += 1
+                    self.stats["bytes_read"] += res.nbytes
+                    self.stats["retries"] += res.retries
+                    self.stats["bad_series"] += len(res.bad) * self.count_bad
+                    for msg in res.bad.values():
+                        self.bad_msgs.append(msg)
+                        log.debug("skipping %s", msg)
+                self.ready[sid] = res
+        self.group = g
+
+    def keys(self, sids: np.ndarray, wis: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(manifest shard index, series, start row, channel) of each window."""
+        ser, st, ch = self._locate(sids, wis)
+        idx = [self.ds.plan.shards[s].index for s in sids.tolist()]
+        return list(zip(idx, ser.tolist(), st.tolist(), ch.tolist()))
+
+    def _locate(self, sids: np.ndarray, wis: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ser, st, ch = (np.empty(len(sids), dtype=np.int64) for _ in range(3))
+        for sid in np.unique(sids):
+            m = sids == sid
+            ser[m], st[m], ch[m] = self.ds.plan.shards[int(sid)].locate(wis[m])
+        return ser, st, ch
+
+    def fetch(self, sids: np.ndarray, wis: np.ndarray, grps: np.ndarray) -> list[Optional[np.ndarray]]:
+        """The windows at these (shard, window, group) places, in order; None where the data is bad."""
+        ser, st, ch = self._locate(sids, wis)
+        L = self.ds.seq_len
+        out: list[Optional[np.ndarray]] = []
+        for sid, s, start, c, g in zip(sids.tolist(), ser.tolist(), st.tolist(), ch.tolist(), grps.tolist()):
+            if g != self.group:
+                self._enter(g)
+            res = self.ready[sid]
+            x = None if isinstance(res, _Bad) else res.arrays[s]
+            if x is None:
+                out.append(None)
+                continue
+            a = start - self.ds.plan.shards[sid].a
+            if c >= 0:
+                x = x[c:c + 1]
+            if x.shape[1] >= a + L:
+                out.append(x[:, a:a + L])
+            else:  # short_series: pad (zeros after the series)
+                pad = np.zeros((x.shape[0], L), dtype=np.float32)
+                pad[:, :x.shape[1]] = x
+                out.append(pad)
+        return out
