@@ -1,31 +1,93 @@
-"""Save and restore everything a run needs to continue exactly: weights, optimizer, schedule, data
-stream position, every rank's RNGs, step and metrics.
+"""Save and restore everything a run needs to continue exactly: weights, optimizer, schedule, the
+data stream's position and every rank's RNGs, the step, the resolved config and the metrics.
 
-A checkpoint is a folder `step_XXXXXXXX` under the run's checkpoint directory. The `latest` file
-moves (atomic rename) only after every rank finished writing and the folder was marked complete,
-so a crash mid-save leaves the previous checkpoint as the one `resume=auto` picks.
+Layout of `<ckpt.dir>/checkpoints/`:
+    step_00000040/                one checkpoint (DeepSpeed's files, or model.safetensors + optimizer.pt)
+        state.json                shared: step, epoch, history, config, world size, engine, ZeRO stage
+        rank{r}.json              per rank: RNG states (torch, numpy, python, mask generator), data stream
+        COMPLETE                  written last, after every rank finished
+    latest                        the tag of the newest complete checkpoint (atomic rename)
+
+`latest` moves only after a complete save, so a crash mid-save leaves the previous checkpoint as
+the one `resume=auto` picks. Loading never unpickles arbitrary objects: DeepSpeed's own files go
+through `torch.load(weights_only=True)` with the few DeepSpeed classes they hold allow-listed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
 
-LATEST, COMPLETE = "latest", "COMPLETE"
+LATEST, COMPLETE, STATE = "latest", "COMPLETE", "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, truncated or tampered with; the message names the file."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
+
+# ----------------------------------------------------------------------------- safe loading
+
+def _safe_globals() -> list:
+    """The non-tensor classes DeepSpeed writes into its checkpoint files."""
+    out = []
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        out += [LossScaler, DynamicLossScaler]
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        out.append(ZeroStageEnum)
+    with contextlib.suppress(ImportError):
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out.append(fragment_address)
+    return out
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within this block every torch.load (ours or DeepSpeed's) is weights_only=True, and a file
+    that cannot be read is reported by name as truncated or tampered."""
+    original = torch.load
+    allowed = _safe_globals()
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return original(f, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            raise CheckpointError(f"{f}: cannot be loaded safely (truncated, tampered with, or not a "
+                                  f"checkpoint file): {str(e).splitlines()[0]}") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+# ----------------------------------------------------------------------------- RNG state
 
 def rng_state(generator: Optional[torch.Generator]) -> dict:
     np_state = np.random.get_state()
@@ -49,73 +111,157 @@ def set_rng_state(state: dict, generator: Optional[torch.Generator]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+# ----------------------------------------------------------------------------- files
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt ({e})") from None
+
+
 def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
-    """The tag `latest` names, if that checkpoint is complete."""
+    """The tag `latest` names (None when there is no checkpoint yet)."""
     d = Path(ckpt_dir)
     p = d / LATEST
     if not p.exists():
         return None
     tag = p.read_text().strip()
     if not (d / tag / COMPLETE).exists():
-        raise RuntimeError(f"{p} names {tag}, which is not a complete checkpoint")
+        raise CheckpointError(f"{p} names {tag}, which is not a complete checkpoint")
     return tag
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Rank-local files (RNG) go beside the engine's own files."""
+def read_state(ckpt_dir: str | Path, tag: str) -> dict:
+    folder = Path(ckpt_dir) / tag
+    if not (folder / COMPLETE).exists():
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no {COMPLETE} marker)")
+    return _read_json(folder / STATE)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, keep: int) -> Path:
+    """Collective: every rank calls it with its own `per_rank` state."""
     d = Path(ckpt_dir)
     tag = tag_for(step)
     folder = d / tag
     rank, _ = dist.world()
     if rank == 0:
+        if folder.exists() and not (folder / COMPLETE).exists():
+            shutil.rmtree(folder)  # debris of an interrupted save of this same step
         folder.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    shared = {k: v for k, v in client_state.items() if k != "rng"}
-    if hasattr(engine, "save_checkpoint"):  # DeepSpeed: model + optimizer shards per rank
-        engine.save_checkpoint(str(d), tag=tag, client_state=shared, save_latest=False)
+    if hasattr(engine, "save_checkpoint"):  # DeepSpeed: model + optimizer shards from every rank
+        engine.save_checkpoint(str(d), tag=tag, client_state={}, save_latest=False)
     elif rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()},
                   str(folder / "model.safetensors"))
         torch.save({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
                     "micro": engine.micro, "global_steps": engine.global_steps}, folder / "optimizer.pt")
-        _write_json(folder / "client_state.json", shared)
-    _write_json(folder / f"rng_rank{rank}.json", client_state["rng"])
+    _crash_point(tag)
+    _write_json(folder / f"rank{rank}.json", per_rank)
+    if rank == 0:
+        _write_json(folder / STATE, shared)
     dist.barrier()
     if rank == 0:
-        (folder / COMPLETE).write_text("ok\n")
+        _write_json(folder / COMPLETE, {"step": step})
         tmp = d / (LATEST + ".tmp")
         tmp.write_text(tag)
         os.replace(tmp, d / LATEST)  # the pointer moves only now, atomically
-        done = sorted(p for p in d.glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
+        done = sorted(p for p in d.glob("step_????????") if p.is_dir() and (p / COMPLETE).exists())
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
     dist.barrier()
     return folder
 
 
-def load(engine, ckpt_dir: str | Path, tag: str, generator: Optional[torch.Generator]) -> dict:
-    """Restore engine state and this rank's RNGs; returns the client state (step, data, metrics)."""
+def _crash_point(tag: str) -> None:
+    """Fault injection for tests: SIMMTM_CRASH_DURING_SAVE=<tag> SIGKILLs this process after the
+    engine wrote its shards and before the checkpoint is complete (a real kill -9 mid-save)."""
+    if os.environ.get("SIMMTM_CRASH_DURING_SAVE") == tag:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def to_universal(ckpt_dir: str | Path, tag: str) -> str:
+    """Convert a ZeRO checkpoint for loading at another world size (DeepSpeed's universal format).
+
+    Rank 0 converts once (in a subprocess, with safe loading); every rank returns the new tag.
+    """
     d = Path(ckpt_dir)
-    folder = d / tag
-    rank, _ = dist.world()
+    out = d / f"{tag}_universal"
+    if dist.world()[0] == 0 and not (out / COMPLETE).exists():
+        shutil.rmtree(out, ignore_errors=True)
+        code = ("import sys; from trainer.checkpoint import safe_torch_load\n"
+                "from deepspeed.checkpoint import ds_to_universal as conv\n"
+                "sys.argv = ['ds_to_universal', '--input_folder', sys.argv[1], '--output_folder', sys.argv[2], "
+                "'--inject_missing_state', '--num_extract_workers', '1', '--num_merge_workers', '1']\n"
+                "with safe_torch_load():\n"
+                "    conv.main(conv.parse_arguments())\n")
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        proc = subprocess.run([sys.executable, "-c", code, str(d / tag), str(out)], capture_output=True, text=True,
+                              env=env)
+        if proc.returncode != 0:
+            raise CheckpointError(f"{d / tag}: conversion to DeepSpeed's universal format failed:\n"
+                                  f"{proc.stderr[-3000:]}")
+        (out / COMPLETE).write_text("ok\n")
+    dist.barrier()
+    return out.name
+
+
+def load(engine, ckpt_dir: str | Path, tag: str, load_optimizer: bool = True) -> None:
+    """Restore model, optimizer and schedule into `engine` (collective under DeepSpeed)."""
+    folder = Path(ckpt_dir) / tag
     if hasattr(engine, "load_checkpoint"):
-        _, client = engine.load_checkpoint(str(d), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if client is None:
-            raise RuntimeError(f"{folder}: DeepSpeed could not load this checkpoint")
-    else:
+        with safe_torch_load():
+            path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
+                                             load_lr_scheduler_states=load_optimizer)
+        if path is None:
+            raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint to load")
+        return
+    try:
         engine.module.load_state_dict(load_file(str(folder / "model.safetensors")))
-        opt = torch.load(folder / "optimizer.pt", weights_only=True)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({e})") from None
+    if load_optimizer:
+        with safe_torch_load():
+            opt = torch.load(folder / "optimizer.pt")
         engine.optimizer.load_state_dict(opt["optimizer"])
         engine.scheduler.load_state_dict(opt["scheduler"])
         engine.micro, engine.global_steps = opt["micro"], opt["global_steps"]
-        client = json.loads((folder / "client_state.json").read_text())
-    rng_file = folder / f"rng_rank{rank}.json"
-    if rng_file.exists():
-        set_rng_state(json.loads(rng_file.read_text()), generator)
-    return client
+
+
+def restore_buffers(module: torch.nn.Module, ckpt_dir: str | Path, tag: str) -> None:
+    """DeepSpeed's universal loading restores parameters and optimizer state but not buffers
+    (BatchNorm running statistics): copy them from the original checkpoint's module states."""
+    folder = Path(ckpt_dir) / tag
+    files = sorted(folder.glob("*model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{folder}: no DeepSpeed model states file")
+    with safe_torch_load():
+        saved = torch.load(files[0], map_location="cpu")["module"]
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name].to(buf.dtype))
+
+
+def load_rank_state(ckpt_dir: str | Path, tag: str, rank: int) -> dict:
+    return _read_json(Path(ckpt_dir) / tag / f"rank{rank}.json")

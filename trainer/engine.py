@@ -120,8 +120,11 @@ class PlainEngine:
         return self.grad_norm
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, total_steps: int):
+def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, total_steps: int,
+                 load_universal: bool = False):
     ds = deepspeed_config(cfg, total_steps)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     if not cfg.dist.deepspeed:
         if cfg.train.precision != "fp32":
             raise ValueError("train.precision bf16/fp16 needs dist.deepspeed=true (DeepSpeed manages mixed precision)")

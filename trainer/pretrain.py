@@ -10,6 +10,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,9 +41,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
+    """(checkpoint folder, tag to resume from or None) for ckpt.resume = none | auto | <path>."""
+    ckpt_dir = Path(cfg.ckpt.dir) / "checkpoints"
+    if cfg.ckpt.resume == "none":
+        return ckpt_dir, None
+    if cfg.ckpt.resume == "auto":
+        return ckpt_dir, checkpoint.latest_tag(ckpt_dir)
+    p = Path(cfg.ckpt.resume)
+    if not p.is_dir():
+        raise checkpoint.CheckpointError(f"ckpt.resume: {p} is not a checkpoint folder")
+    return p.parent, p.name
+
+
 def train(cfg: Config) -> dict:
     """Run pre-training as configured; returns the summary (on every rank)."""
-    use_ds = cfg.dist.deepspeed or dist.discover().world_size > 1
+    resume_dir, resume_tag = find_resume(cfg)
+    saved = checkpoint.read_state(resume_dir, resume_tag) if resume_tag else None
+    world = dist.discover().world_size
+    use_ds = cfg.dist.deepspeed or world > 1 or (saved is not None and saved["engine"] == "deepspeed")
     cfg.dist.deepspeed = use_ds
     env = dist.setup(cfg.dist.backend, use_deepspeed=use_ds)
     if cfg.train.num_threads > 0:
@@ -56,8 +73,12 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = SimMTM(cfg.model)
+    torch.manual_seed(cfg.train.seed + env.rank)  # then per-rank streams (dropout)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    engine, ds_config = build_engine(model, cfg, env.device, total)
+    # A ZeRO checkpoint written at another world size loads through DeepSpeed's universal format.
+    resized = saved is not None and saved["world_size"] != env.world_size
+    universal = resized and saved["engine"] == "deepspeed" and saved.get("zero_stage", 0) > 0
+    engine, ds_config = build_engine(model, cfg, env.device, total, load_universal=universal)
     generator = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 1000 + env.rank)
     reduce = dist.all_reduce_with_grad if env.distributed else None  # projector BN over the global batch
     gather = Gather(dist.all_gather_with_grad, env.rank, env.world_size, reduce) if cfg.dist.global_constraint \
@@ -65,33 +86,40 @@ def train(cfg: Config) -> dict:
 
     step, epoch, history = 0, 0, []
     ckpt_dir = Path(cfg.ckpt.dir) / "checkpoints"
-    resume_tag = None
-    if cfg.ckpt.resume == "auto":
-        resume_tag = checkpoint.latest_tag(ckpt_dir)
-    elif cfg.ckpt.resume != "none":
-        p = Path(cfg.ckpt.resume)
-        ckpt_dir, resume_tag = p.parent, p.name
-    if resume_tag is not None:
-        client = checkpoint.load(engine, ckpt_dir, resume_tag, generator)
-        step, epoch, history = client["step"], client["epoch"], client["history"]
-        loader.load_state_dict(client["data"])
-        ckpt_dir = Path(cfg.ckpt.dir) / "checkpoints"
+    resume_note = ""
+    if saved is not None:
+        checkpoint.load(engine, resume_dir, checkpoint.to_universal(resume_dir, resume_tag) if universal else resume_tag)
+        if universal:
+            checkpoint.restore_buffers(engine.module, resume_dir, resume_tag)
+        step, epoch, history = saved["step"], saved["epoch"], saved["history"]
+        if not resized:  # exact continuation: this rank's data position and RNG streams
+            mine = checkpoint.load_rank_state(resume_dir, resume_tag, env.rank)
+            checkpoint.set_rng_state(mine["rng"], generator)
+            loader.load_state_dict(mine["data"])
+            resume_note = f", resumed from {resume_tag} at step {step}"
+        else:  # new world size: same weights/optimizer; the data order restarts this epoch
+            generator.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * step)
+            torch.manual_seed(cfg.train.seed + env.rank + 7919 * step)
+            resume_note = (f", resumed from {resume_tag} (saved with {saved['world_size']} ranks) at step {step}: "
+                           f"epoch {epoch} restarts with this world size's data order")
 
     monitor = Monitor(env.is_main, cfg.ckpt.dir, total, cfg.train.progress, cfg.log.tensorboard)
     monitor.print(f"simmtm: {n_params / 1e6:.1f}M parameters, "
                   f"{env.world_size} rank(s) [{env.launcher}] on {env.device}, "
                   f"engine={'deepspeed' if use_ds else 'torch'}, {total} steps ({steps_per_epoch}/epoch), "
                   f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum"
-                  + (f", resumed from {resume_tag} at step {step}" if resume_tag else ""))
+                  + resume_note)
     if env.is_main:
         Path(cfg.ckpt.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.ckpt.dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         (Path(cfg.ckpt.dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
     def save(at_step: int) -> Path:
-        client = {"step": at_step, "epoch": epoch, "history": history, "data": loader.state_dict(),
-                  "config": to_dict(cfg), "rng": checkpoint.rng_state(generator)}
-        return checkpoint.save(engine, ckpt_dir, at_step, client, cfg.ckpt.keep)
+        shared = {"step": at_step, "epoch": epoch, "history": history, "config": to_dict(cfg),
+                  "world_size": env.world_size, "engine": "deepspeed" if use_ds else "torch",
+                  "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0) if use_ds else 0}
+        per_rank = {"rng": checkpoint.rng_state(generator), "data": loader.state_dict()}
+        return checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep)
 
     meter = Throughput()
     engine.train()

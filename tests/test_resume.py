@@ -1,0 +1,86 @@
+"""Preemption: a real SIGKILL of every rank, a crash in the middle of a save, and a change of world
+size. The resumed run must reproduce the uninterrupted one: bitwise on CPU fp32 (same operations
+in the same order on the same data; nothing in the path is non-deterministic)."""
+import os
+import signal
+import subprocess
+import time
+
+from trainer.config import REPO_ROOT
+
+from .launch_utils import clean_env, deepspeed_cmd, free_port, run, summary
+
+STEPS, EVERY = 24, 4
+LOSS_KEYS = ("loss", "loss_rec", "loss_cl")
+
+
+def ds(out, *extra, ranks=2):
+    return deepspeed_cmd("--num_gpus", str(ranks), "--master_port", str(free_port()),
+                         script_args=["dist.zero_stage=2", "dist.deepspeed=true", f"train.max_steps={STEPS}",
+                                      f"ckpt.every={EVERY}", "ckpt.keep=2", f"ckpt.dir={out}",
+                                      "log.tensorboard=false", *extra])
+
+
+def losses(s):
+    return [(h["step"], *(h[k] for k in LOSS_KEYS)) for h in s["history"]]
+
+
+def test_sigkill_every_rank_then_resume_auto_is_exact(tmp_path):
+    straight = summary_of = tmp_path / "straight"
+    run(ds(straight))
+    reference = summary(summary_of)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(ds(killed), cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = killed / "checkpoints" / "step_00000008" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the launcher and every rank
+    proc.wait()
+    assert not (killed / "summary.json").exists()  # it really died mid-run
+    latest = (killed / "checkpoints" / "latest").read_text()
+    assert latest < f"step_{STEPS:08d}"
+
+    out = run(ds(killed, "ckpt.resume=auto"))
+    assert f"resumed from {latest}" in out.stdout
+    resumed = summary(killed)
+    assert losses(resumed) == losses(reference)  # every step's losses, bitwise
+    assert resumed["parameter_digests"] == reference["parameter_digests"]  # identical final parameters
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    out = tmp_path / "crash"
+    proc = subprocess.run(ds(out), cwd=REPO_ROOT, env=clean_env(SIMMTM_CRASH_DURING_SAVE="step_00000012"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000008"
+    assert (ck / "step_00000012").exists() and not (ck / "step_00000012" / "COMPLETE").exists()
+    # resume=auto picks the previous complete checkpoint, and the run still matches a straight one
+    run(ds(out, "ckpt.resume=auto"))
+    straight = tmp_path / "straight"
+    run(ds(straight))
+    assert losses(summary(out)) == losses(summary(straight))
+    assert summary(out)["parameter_digests"] == summary(straight)["parameter_digests"]
+
+
+def test_two_ranks_resume_on_one(tmp_path):
+    two = tmp_path / "two"
+    run(ds(two, "train.max_steps=8"))
+    saved = summary(two)
+    # 1 rank, same step count: only loading happens, so the weights must equal the 2-rank ones
+    one = tmp_path / "one"
+    proc = run(ds(one, "train.max_steps=8", f"ckpt.resume={two / 'checkpoints' / 'step_00000008'}", ranks=1))
+    assert "saved with 2 ranks" in proc.stdout
+    assert summary(one)["parameter_digests"][0] == saved["parameter_digests"][0]
+    # and it trains on from there (model and optimizer state loaded through the universal format)
+    more = tmp_path / "more"
+    run(ds(more, "train.max_steps=14", f"ckpt.resume={two / 'checkpoints' / 'step_00000008'}", ranks=1))
+    s = summary(more)
+    assert s["steps"] == 14 and s["world_size"] == 1
+    assert all(h["loss"] == h["loss"] for h in s["history"])
+    assert (two / "checkpoints" / "step_00000008_universal").exists()
