@@ -2,7 +2,8 @@
 from .config import SimMTMConfig
 from .encoder import Encoder, instance_norm
 from .masking import bernoulli_mask, geometric_mask, make_views
+from .hub import load_pretrained, load_simmtm, save_pretrained
 from .simmtm import Gather, SimMTM
 
 __all__ = ["SimMTMConfig", "Encoder", "instance_norm", "bernoulli_mask", "geometric_mask", "make_views",
-           "Gather", "SimMTM"]
+           "Gather", "SimMTM", "load_pretrained", "load_simmtm", "save_pretrained"]

@@ -119,8 +119,3 @@ def load_simmtm(folder: str, storage_options: Optional[dict] = None) -> SimMTM:
     except RuntimeError as e:
         raise ValueError(f"{join(folder, WEIGHTS)}: weights do not match a full SimMTM model: {e}") from None
     return model.eval()
-
-
-def encoder_state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -84,3 +84,30 @@ def test_two_ranks_resume_on_one(tmp_path):
     assert s["steps"] == 14 and s["world_size"] == 1
     assert all(h["loss"] == h["loss"] for h in s["history"])
     assert (two / "checkpoints" / "step_00000008_universal").exists()
+
+
+def test_truncated_deepspeed_checkpoint_gives_clear_error(tmp_path):
+    out = tmp_path / "trunc"
+    run(ds(out, "train.max_steps=4", ranks=1))
+    optim = next((out / "checkpoints" / "step_00000004").glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:100])
+    proc = subprocess.run(ds(out, "train.max_steps=6", "ckpt.resume=auto", ranks=1), cwd=REPO_ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{optim}: cannot be loaded safely (truncated, tampered with" in proc.stdout + proc.stderr
+
+
+def test_safe_loading_refuses_arbitrary_pickles(tmp_path):
+    import pytest
+    import torch
+
+    from trainer.checkpoint import CheckpointError, safe_torch_load
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this would run code",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: cannot be loaded safely"):
+        with safe_torch_load():
+            torch.load(tmp_path / "evil.pt")

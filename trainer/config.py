@@ -64,7 +64,9 @@ class CheckpointConfig:
     dir: str = "runs/etth1"
     every: int = 0  # save every K steps; 0 saves only at the end
     keep: int = 3
-    resume: str = "none"  # none | auto | <path>
+    resume: str = "none"  # none | auto | <checkpoint folder>
+    publish: str = ""  # publish the final checkpoint to this folder/URL at the end of the run
+    publish_heads: bool = True  # include projector and decoder in the published weights
 
 
 @dataclass

@@ -191,6 +191,12 @@ def train(cfg: Config) -> dict:
     monitor.hparams(_flatten(to_dict(cfg)), {"final/loss_rec": summary["last"]["loss_rec"] if history else 0.0})
     monitor.close()
     if env.is_main:
+        if cfg.ckpt.publish:
+            from trainer.publish import publish
+
+            publish(last_saved, cfg.ckpt.publish, include_heads=cfg.ckpt.publish_heads,
+                    storage_options=cfg.data.storage_options if "://" in cfg.ckpt.publish else None)
+            summary["published"] = cfg.ckpt.publish
         (Path(cfg.ckpt.dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
@@ -210,7 +216,7 @@ def print_summary(s: dict) -> None:
             ("wall time", f"{s['elapsed_s']:.1f} s on {s['world_size']} rank(s)"),
             ("data", json.dumps(s["data_stats"])),
             ("replicas identical", f"{s['replicas_identical']} ({s['world_size']} rank(s))"),
-            ("checkpoint", s["checkpoint"])]
+            ("checkpoint", s["checkpoint"])] + ([("published", s["published"])] if s.get("published") else [])
     width = max(len(r[0]) for r in rows)
     print("\n== SimMTM pre-training summary ==")
     for k, v in rows:
