@@ -114,7 +114,8 @@ def teardown() -> None:
 
 class _AllGather(torch.autograd.Function):
     """Concatenate equal-shaped tensors from all ranks; the backward returns each rank the sum of
-    every rank's gradient for its slice (all_reduce works on gloo, where reduce_scatter does not)."""
+    every rank's gradient for its slice (reduce-scatter on NCCL; all-reduce on gloo, which has no
+    reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
@@ -126,6 +127,10 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
+        if dist.get_backend() == "nccl":  # reduce-scatter moves half the bytes of an all-reduce
+            out = torch.empty_like(grad[: ctx.n])
+            dist.reduce_scatter_tensor(out, grad)
+            return out
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 

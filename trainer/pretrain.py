@@ -22,7 +22,7 @@ from data_pipeline import build_loader
 from models import Gather, SimMTM
 from trainer import checkpoint
 from trainer import distributed as dist
-from trainer.config import Config, load_config, split_cli, to_dict
+from trainer.config import REPO_ROOT, Config, load_config, split_cli, to_dict
 from trainer.engine import build_engine
 from trainer.monitor import Monitor, Throughput, peak_memory_gb
 
@@ -54,8 +54,16 @@ def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
     return p.parent, p.name
 
 
+def resolve_paths(cfg: Config) -> None:
+    """Repo-relative defaults (data/ETTh1.csv) work from any working directory."""
+    src = Path(cfg.data.source)
+    if "://" not in cfg.data.source and not src.is_absolute() and not src.exists() and (REPO_ROOT / src).exists():
+        cfg.data.source = str(REPO_ROOT / src)
+
+
 def train(cfg: Config) -> dict:
     """Run pre-training as configured; returns the summary (on every rank)."""
+    resolve_paths(cfg)
     resume_dir, resume_tag = find_resume(cfg)
     saved = checkpoint.read_state(resume_dir, resume_tag) if resume_tag else None
     world = dist.discover().world_size
