@@ -14,7 +14,8 @@ fp64; matmuls in `dtype` when it is bf16/fp16), same self-masking by index.
 Dispatch rule (`similarity_and_losses`): the dense path when Nq * Nk * 4 bytes (one fp32 logits
 matrix) is at most `dense_bytes` (default 256 MiB, so the dense path peaks near 1 GB with its
 few Nq x Nk temporaries) or when the caller needs the weights; otherwise the blockwise path.
-Below the threshold dense is faster (one matmul each way, no recomputation, no Python loop).
+The rule is about memory: below it the dense path is affordable, does no recomputation and returns
+the weights for monitoring; on a shared 2-core CPU both paths timed within noise at N <= 16,384.
 """
 from __future__ import annotations
 

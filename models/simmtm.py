@@ -157,6 +157,7 @@ class SimMTM(nn.Module):
         self.projector = Projector(flat, cfg.proj_dim)
         self.decoder = Decoder(flat, cfg.seq_len, cfg.dropout)
         self.awl = AutomaticWeightedLoss(2)
+        self.dense_bytes = None  # None: models.blockwise.DENSE_BYTES decides dense vs blockwise
 
     def forward(self, x: torch.Tensor, gather: Optional[Gather] = None,
                 generator: Optional[torch.Generator] = None, global_aggregation: bool = False,
@@ -185,15 +186,15 @@ class SimMTM(nn.Module):
         offset = gather.rank * n
         keys = gather.fn(s) if gather.world_size > 1 else s
         self_idx = torch.arange(n, device=x.device) + offset
-        logits = mask_self(similarity_logits(s, keys, cfg.temperature, dtype), self_idx)  # [N, W*N]
-        loss_cl = constraint_loss(logits, positive_index(n, n0, m, offset, x.device))
-
-        # Only the originals are reconstructed, so only their N0 rows are aggregated.
+        pos = positive_index(n, n0, m, offset, x.device)
+        # Only the originals are reconstructed, so only their N0 rows are aggregated. Dense N x N
+        # logits while they are small; row blocks with recomputation (linear memory) beyond.
         if global_aggregation and gather.world_size > 1:
-            agg_logits, values = logits[:n0], gather.fn(z)
+            values, agg_offset = gather.fn(z), 0
         else:
-            agg_logits, values = logits[:n0, offset:offset + n], z
-        z_agg, w = aggregate(agg_logits, values, dtype)
+            values, agg_offset = z, offset
+        loss_cl, z_agg, w = similarity_and_losses(s, keys, values, self_idx, pos, cfg.temperature, n0, agg_offset,
+                                                  dtype, dense_bytes=self.dense_bytes, need_weights=details)
         pred = self.decoder(z_agg).float() * std[:n0] + mean[:n0]
         loss_rec = F.mse_loss(pred, x0)
         losses = (loss_rec, loss_cl) if cfg.constraint_loss else (loss_rec,)  # ablation: no constraint
@@ -205,3 +206,6 @@ class SimMTM(nn.Module):
         if details:
             out.update(pred=pred.detach().view(b, c, length), weights=w.detach(), keep=keep)
         return out
+
+
+from .blockwise import similarity_and_losses  # noqa: E402 - blockwise builds on the functions above

@@ -186,3 +186,21 @@ def test_global_batchnorm_without_reduce_is_batchnorm():
     ours.eval(), ref.eval()
     x = torch.randn(4, 5)
     assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+def test_model_blockwise_path_equals_dense_path():
+    """SimMTM.forward with the memory-bounded path forced on (dense_bytes=0) equals the dense path."""
+    torch.manual_seed(7)
+    x = torch.randn(3, 2, 24)
+    outs, grads = [], []
+    for dense_bytes in (None, 0):
+        torch.manual_seed(0)
+        model = SimMTM(small_cfg())
+        model.dense_bytes = dense_bytes
+        out = model(x, generator=torch.Generator().manual_seed(3))
+        grads.append(torch.autograd.grad(out["loss"], list(model.parameters())))
+        outs.append(out)
+    assert torch.allclose(outs[0]["loss"], outs[1]["loss"], rtol=1e-5)
+    assert torch.allclose(outs[0]["loss_cl"], outs[1]["loss_cl"], rtol=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
