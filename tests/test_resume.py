@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+from tests.s3_server import s3  # noqa: F401 - session fixture
 from trainer.config import REPO_ROOT
 
 from .launch_utils import clean_env, deepspeed_cmd, free_port, run, summary
@@ -111,3 +112,31 @@ def test_safe_loading_refuses_arbitrary_pickles(tmp_path):
     with pytest.raises(CheckpointError, match="evil.pt: cannot be loaded safely"):
         with safe_torch_load():
             torch.load(tmp_path / "evil.pt")
+
+
+def test_checkpoints_mirrored_to_s3_survive_loss_of_local_disk(tmp_path, s3):  # noqa: F811
+    """ckpt.remote: every complete checkpoint goes to S3 (moto server); after a crash and the loss
+    of the local checkpoint folder, resume=auto continues from S3 and matches a straight run."""
+    import json
+    import shutil
+
+    from .launch_utils import pretrain_cmd
+
+    args = ["train.max_steps=12", "ckpt.every=4", "log.tensorboard=false"]
+    straight = tmp_path / "straight"
+    run(pretrain_cmd(*args, f"ckpt.dir={straight}"))
+    remote = f"s3://{s3['new_bucket']('ckpt')}/run1"
+    mirrored = [*args, f"ckpt.remote={remote}", f"ckpt.storage_options={json.dumps(s3['storage_options'])}"]
+    out = tmp_path / "mirrored"
+    proc = subprocess.run(pretrain_cmd(*mirrored, f"ckpt.dir={out}"), cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=clean_env(SIMMTM_CRASH_DURING_SAVE="step_00000012"), timeout=300)
+    assert proc.returncode != 0
+    client = s3["client"]
+    bucket, prefix = remote[5:].split("/", 1)
+    latest = client.get_object(Bucket=bucket, Key=f"{prefix}/latest")["Body"].read().decode()
+    assert latest == "step_00000008"
+    shutil.rmtree(out / "checkpoints")  # the node's local disk is gone
+    run(pretrain_cmd(*mirrored, f"ckpt.dir={out}", "ckpt.resume=auto"))
+    assert losses(summary(out)) == losses(summary(straight))
+    assert summary(out)["parameter_digests"] == summary(straight)["parameter_digests"]
+    assert client.get_object(Bucket=bucket, Key=f"{prefix}/latest")["Body"].read().decode() == "step_00000012"

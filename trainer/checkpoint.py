@@ -265,3 +265,72 @@ def restore_buffers(module: torch.nn.Module, ckpt_dir: str | Path, tag: str) -> 
 
 def load_rank_state(ckpt_dir: str | Path, tag: str, rank: int) -> dict:
     return _read_json(Path(ckpt_dir) / tag / f"rank{rank}.json")
+
+
+# ----------------------------------------------------------------------------- remote mirror
+
+def upload(folder: Path, remote: str, storage_options: Optional[dict], local_rank: int) -> None:
+    """Mirror a complete local checkpoint to `remote` (any fsspec URL). Collective.
+
+    Staging may be node-local, so each node's local rank 0 uploads the files its node wrote; the
+    COMPLETE marker and then the remote `latest` go up last, from rank 0, after every node is done:
+    the remote `latest` too only ever names a complete checkpoint.
+    """
+    from data_pipeline.fs import filesystem, retrying
+
+    fs, base = filesystem(remote, storage_options)
+    tag = folder.name
+    if local_rank == 0:
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.name != COMPLETE:
+                retrying(lambda f=f: fs.put_file(str(f), f"{base}/{tag}/{f.name}"), f"upload {f.name}")
+            elif f.is_dir():  # DeepSpeed universal/zero sub-folders
+                retrying(lambda f=f: fs.put(str(f), f"{base}/{tag}/{f.name}", recursive=True), f"upload {f.name}")
+    dist.barrier()
+    if dist.world()[0] == 0:
+        retrying(lambda: fs.pipe_file(f"{base}/{tag}/{COMPLETE}", (folder / COMPLETE).read_bytes()), "upload marker")
+        retrying(lambda: fs.pipe_file(f"{base}/{LATEST}", tag.encode()), "upload latest")
+    dist.barrier()
+
+
+def remote_latest(remote: str, storage_options: Optional[dict]) -> Optional[str]:
+    from data_pipeline.fs import filesystem
+
+    fs, base = filesystem(remote, storage_options)
+    try:
+        tag = fs.cat_file(f"{base}/{LATEST}").decode().strip()
+    except FileNotFoundError:
+        return None
+    if not fs.exists(f"{base}/{tag}/{COMPLETE}"):
+        raise CheckpointError(f"{remote}/{LATEST} names {tag}, which is not a complete checkpoint")
+    return tag
+
+
+def download(remote: str, tag: str, ckpt_dir: Path, storage_options: Optional[dict], local_rank: int,
+             timeout_s: float = 3600.0) -> None:
+    """Fetch a remote checkpoint into the local checkpoint folder before the process group exists:
+    each node's local rank 0 downloads into a temporary folder and renames it into place; the
+    node's other ranks wait for it."""
+    import time
+
+    from data_pipeline.fs import filesystem
+
+    dest = Path(ckpt_dir) / tag
+    if (dest / COMPLETE).exists():
+        return
+    if local_rank == 0:
+        fs, base = filesystem(remote, storage_options)
+        tmp = dest.with_name(dest.name + ".download")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(f"{base}/{tag}/", str(tmp), recursive=True)
+        if not (tmp / COMPLETE).exists():
+            raise CheckpointError(f"{remote}/{tag}: download incomplete (no {COMPLETE})")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return
+    deadline = time.time() + timeout_s
+    while not (dest / COMPLETE).exists():
+        if time.time() > deadline:
+            raise CheckpointError(f"{dest}: local rank 0 did not finish downloading {remote}/{tag}")
+        time.sleep(0.5)

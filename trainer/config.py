@@ -65,6 +65,8 @@ class CheckpointConfig:
     every: int = 0  # save every K steps; 0 saves only at the end
     keep: int = 3
     resume: str = "none"  # none | auto | <checkpoint folder>
+    remote: str = ""  # mirror every complete checkpoint to this fsspec URL (s3://...); resume=auto reads it too
+    storage_options: dict = field(default_factory=dict)  # fsspec options for `remote` and `publish` URLs
     publish: str = ""  # publish the final checkpoint to this folder/URL at the end of the run
     publish_heads: bool = True  # include projector and decoder in the published weights
 

@@ -47,7 +47,14 @@ def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
     if cfg.ckpt.resume == "none":
         return ckpt_dir, None
     if cfg.ckpt.resume == "auto":
-        return ckpt_dir, checkpoint.latest_tag(ckpt_dir)
+        tag = checkpoint.latest_tag(ckpt_dir)
+        if cfg.ckpt.remote:  # the mirror may hold a newer checkpoint (e.g. node-local disks were lost)
+            remote = checkpoint.remote_latest(cfg.ckpt.remote, cfg.ckpt.storage_options)
+            if remote is not None and (tag is None or remote > tag):
+                checkpoint.download(cfg.ckpt.remote, remote, ckpt_dir, cfg.ckpt.storage_options,
+                                    dist.discover().local_rank)
+                tag = remote
+        return ckpt_dir, tag
     p = Path(cfg.ckpt.resume)
     if not p.is_dir():
         raise checkpoint.CheckpointError(f"ckpt.resume: {p} is not a checkpoint folder")
@@ -127,7 +134,10 @@ def train(cfg: Config) -> dict:
                   "world_size": env.world_size, "engine": "deepspeed" if use_ds else "torch",
                   "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0) if use_ds else 0}
         per_rank = {"rng": checkpoint.rng_state(generator), "data": loader.state_dict()}
-        return checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep)
+        folder = checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep)
+        if cfg.ckpt.remote:
+            checkpoint.upload(folder, cfg.ckpt.remote, cfg.ckpt.storage_options, env.local_rank)
+        return folder
 
     meter = Throughput()
     engine.train()
@@ -203,7 +213,7 @@ def train(cfg: Config) -> dict:
             from trainer.publish import publish
 
             publish(last_saved, cfg.ckpt.publish, include_heads=cfg.ckpt.publish_heads,
-                    storage_options=cfg.data.storage_options if "://" in cfg.ckpt.publish else None)
+                    storage_options=cfg.ckpt.storage_options or cfg.data.storage_options)
             summary["published"] = cfg.ckpt.publish
         (Path(cfg.ckpt.dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)

@@ -1,0 +1,414 @@
+"""Fine-tune a published SimMTM encoder (or a random one, for baselines) on forecasting or classification.
+
+    python trainer/finetune.py --config configs/finetune_etth1.yaml init=runs/etth1/published task.horizon=96
+    deepspeed --num_gpus 2 trainer/finetune.py --config configs/finetune_etth1.yaml init=... (CPU: any --num_gpus)
+
+Why it looks like this: the result must say what a checkpoint is worth downstream, so model selection
+and early stopping read the validation split only and the test split is evaluated exactly once, at the
+end, on every window (stride 1). Each rank trains on a stride of one shared per-epoch permutation of
+the training windows (the same number of steps everywhere); evaluation is sharded and all-reduced.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Optional
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_pipeline import build_loader, load_split_array
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError
+from models import Encoder
+from models.config import SimMTMConfig
+from models.heads import Classifier, Forecaster
+from models.hub import load_state
+from trainer import distributed as dist
+from trainer.config import REPO_ROOT, DistConfig, OptimConfig, TrainConfig, load_config, split_cli, to_dict
+from trainer.engine import build_engine
+from trainer.metrics import classification_metrics
+
+
+@dataclass
+class TaskConfig:
+    kind: Literal["forecast", "classify"] = "forecast"
+    horizon: int = 96  # forecast steps H (any positive value)
+    mode: Literal["full", "linear_probe"] = "full"  # linear_probe: frozen encoder, only the head trains
+    label_fraction: float = 1.0  # share of the training split used, drawn reproducibly (seeded by train.seed)
+    head_dropout: float = 0.2  # the authors' fine-tuning dropout
+    patience: int = 3  # early stopping: epochs without a better validation score
+    val_stride: int = 1  # stride of validation windows (budget runs); the test split always uses stride 1
+    eval_batch_size: int = 64
+    fit_length: Literal["error", "interpolate"] = "error"  # classification series whose length != seq_len
+    val_fraction: float = 0.2  # classification sets without a validation file: carved (stratified) from train
+
+    def validate(self) -> None:
+        if self.horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.patience < 1 or self.val_stride < 1 or self.eval_batch_size < 1:
+            raise ValueError("patience, val_stride and eval_batch_size must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def _ft_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-4, warmup_steps=1)
+
+
+def _ft_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, epochs=10, log_every=50, progress=False)
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "finetune"
+    # a published folder/URL (models.load_pretrained), or "random" for the random-initialisation baseline
+    init: str = "random"
+    # random init copies the architecture of this published folder/URL; empty: use model.*
+    arch: str = ""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: SimMTMConfig = field(default_factory=SimMTMConfig)
+    # data.source: forecast: a TSLib CSV, a shard manifest/folder/glob (time-split); classify: a folder
+    # with TF-C {train,val,test}.pt or UCR NAME_TRAIN.tsv/NAME_TEST.tsv. data.window_stride: training windows.
+    data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False))
+    optim: OptimConfig = field(default_factory=_ft_optim)
+    train: TrainConfig = field(default_factory=_ft_train)  # batch_size, epochs (max), seed, num_threads
+    dist: DistConfig = field(default_factory=DistConfig)
+    out: str = ""  # folder for result.json (metrics, history, resolved config); empty: none
+    storage_options: dict = field(default_factory=dict)  # fsspec options for a URL init
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Split:
+    x: torch.Tensor  # [N, C, L]
+    y: torch.Tensor  # forecast: [N, C, H] float; classify: [N] long
+
+
+def _resolve(path: str) -> str:
+    p = Path(path)
+    if "://" in path or p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return path
+    return str(REPO_ROOT / p)
+
+
+def _windows(arr: np.ndarray, seq_len: int, horizon: int, stride: int) -> Split:
+    """[C, T] -> every window of L+H rows starting at 0, stride, ... (split into input and target)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.shape[1] < seq_len + horizon:
+        raise DataError(f"a split of {t.shape[1]} rows is shorter than input {seq_len} + horizon {horizon}")
+    w = t.unfold(1, seq_len + horizon, stride).permute(1, 0, 2).contiguous()  # [N, C, L+H]
+    return Split(w[..., :seq_len], w[..., seq_len:])
+
+
+def _stream_windows(cfg: DataConfig, split: str, seq_len: int, horizon: int, stride: int) -> Split:
+    """Multi-series shard sources: the pre-training stream, in order, with forecasting windows."""
+    dc = replace(cfg, window_stride=stride, shuffle=False, infinite=False, channels="multivariate")
+    loader = build_loader(dc, seq_len=seq_len + horizon, batch_size=256, split=split, overlap=seq_len,
+                          shuffle=False, drop_last=False)
+    batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b) for b in loader]
+    if not batches:
+        raise DataError(f"{cfg.source}: no {split} windows of length {seq_len + horizon}")
+    w = torch.cat(batches).float()
+    return Split(w[..., :seq_len].contiguous(), w[..., seq_len:].contiguous())
+
+
+def forecast_data(cfg: FinetuneConfig, seq_len: int) -> dict[str, Split]:
+    """train (data.window_stride), val (task.val_stride) and test (stride 1), z-scored on train stats."""
+    dc, h = replace(cfg.data, source=_resolve(cfg.data.source)), cfg.task.horizon
+    strides = {"train": dc.window_stride, "val": cfg.task.val_stride, "test": 1}
+    out = {}
+    for split, stride in strides.items():
+        try:
+            arr = load_split_array(dc.source, split, seq_len, cache_dir=_resolve(dc.cache_dir),
+                                   storage_options=dc.storage_options or None)
+            out[split] = _windows(arr, seq_len, h, stride)
+        except DataError as e:
+            if "exactly one time-split series" not in str(e):
+                raise
+            out[split] = _stream_windows(dc, split, seq_len, h, stride)
+    return out
+
+
+def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.load(path, weights_only=True)
+    if not isinstance(d, dict) or "samples" not in d or "labels" not in d:
+        raise DataError(f"{path}: expected a dict with 'samples' [N, C, L] and 'labels' [N]")
+    x = torch.as_tensor(d["samples"]).float()
+    if x.dim() == 2:
+        x = x[:, None]
+    return x, torch.as_tensor(d["labels"]).long().view(-1)
+
+
+def _load_tsv(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """UCR `label<TAB>values...`; labels remapped later; NaN tails (variable length) are refused."""
+    a = np.loadtxt(path, delimiter="\t", dtype=np.float64, ndmin=2)
+    if not np.isfinite(a[:, 1:]).all():
+        raise DataError(f"{path}: variable-length/NaN series are not supported for fine-tuning")
+    return torch.from_numpy(a[:, 1:]).float()[:, None], torch.from_numpy(a[:, 0])
+
+
+def _carve_val(x: torch.Tensor, y: torch.Tensor, frac: float, seed: int):
+    """Stratified, seeded validation split out of the training set (sets that ship none)."""
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    for c in np.unique(y.numpy()):
+        idx = np.flatnonzero(y.numpy() == c)
+        rng.shuffle(idx)
+        val_idx.extend(idx[:max(1, int(round(frac * len(idx))))] if len(idx) > 1 else [])
+    mask = np.zeros(len(y), bool)
+    mask[val_idx] = True
+    return (x[~mask], y[~mask]), (x[mask], y[mask])
+
+
+def classify_data(cfg: FinetuneConfig) -> dict[str, Split]:
+    """TF-C `.pt` folders (test := val.pt when no test.pt ships, e.g. Epilepsy, then val is carved
+    from train) or UCR `*_TRAIN.tsv` / `*_TEST.tsv` folders (val carved from train)."""
+    root = Path(_resolve(cfg.data.source))
+    if not root.is_dir():
+        raise DataError(f"data.source {root}: classification expects a folder of TF-C .pt or UCR .tsv files")
+    seed = cfg.train.seed
+    if (root / "train.pt").exists():
+        tr = _load_pt(root / "train.pt")
+        if (root / "test.pt").exists():
+            te = _load_pt(root / "test.pt")
+            va = _load_pt(root / "val.pt") if (root / "val.pt").exists() else None
+        elif (root / "val.pt").exists():
+            te, va = _load_pt(root / "val.pt"), None
+        else:
+            raise DataError(f"{root}: train.pt without test.pt or val.pt")
+    else:
+        trains, tests = sorted(root.glob("*_TRAIN.tsv")), sorted(root.glob("*_TEST.tsv"))
+        if len(trains) != 1 or len(tests) != 1:
+            raise DataError(f"{root}: expected train.pt (TF-C) or one NAME_TRAIN.tsv + NAME_TEST.tsv (UCR)")
+        tr, te, va = _load_tsv(trains[0]), _load_tsv(tests[0]), None
+        classes = np.unique(np.concatenate([tr[1].numpy(), te[1].numpy()]))
+        remap = {c: i for i, c in enumerate(classes)}
+        tr = (tr[0], torch.tensor([remap[c] for c in tr[1].numpy()]))
+        te = (te[0], torch.tensor([remap[c] for c in te[1].numpy()]))
+    if va is None:
+        tr, va = _carve_val(*tr, cfg.task.val_fraction, seed)
+    return {"train": Split(*tr), "val": Split(*va), "test": Split(*te)}
+
+
+def fit_length(split: Split, seq_len: int, how: str, what: str) -> Split:
+    length = split.x.shape[-1]
+    if length == seq_len:
+        return split
+    if how == "error":
+        raise ValueError(f"{what}: series length {length} does not match the checkpoint's seq_len {seq_len} "
+                         f"(set task.fit_length=interpolate to resample, or pre-train with model.seq_len={length})")
+    return Split(F.interpolate(split.x, size=seq_len, mode="linear", align_corners=True), split.y)
+
+
+def label_subset(n: int, fraction: float, seed: int, labels: Optional[np.ndarray] = None) -> np.ndarray:
+    """Sorted indices of a reproducible `fraction` of n training items: ceil(fraction * n) overall, or
+    per class (at least one each) when labels are given, so every class keeps an example."""
+    if fraction >= 1.0:
+        return np.arange(n)
+    rng = np.random.default_rng(seed + 9973)
+    if labels is None:
+        return np.sort(rng.permutation(n)[:max(1, math.ceil(fraction * n))])
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.extend(rng.permutation(idx)[:max(1, math.ceil(fraction * len(idx)))])
+    return np.sort(np.asarray(keep))
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Module, SimMTMConfig]:
+    """Encoder from a published checkpoint (or random, same architecture) plus a fresh head."""
+    if cfg.init == "random":
+        arch = load_state(_resolve(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model
+        torch.manual_seed(cfg.train.seed)
+        encoder = Encoder(arch)
+    else:
+        arch, state, _ = load_state(_resolve(cfg.init), cfg.storage_options or None)
+        encoder = Encoder(arch)
+        enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        if not enc:
+            raise ValueError(f"init {cfg.init}: the checkpoint holds no encoder.* weights")
+        encoder.load_state_dict(enc)
+    torch.manual_seed(cfg.train.seed + 1)  # the head: same initial weights for every init and rank
+    if cfg.task.kind == "forecast":
+        model = Forecaster(encoder, cfg.task.horizon, cfg.task.head_dropout)
+    else:
+        model = Classifier(encoder, num_classes, cfg.task.head_dropout)
+    if cfg.task.mode == "linear_probe":
+        encoder.requires_grad_(False)
+    return model, arch
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, kind: str, batch_size: int, env) -> dict:
+    """Sharded over ranks (item i on rank i % world), sums all-reduced: identical on every rank."""
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(env.rank, len(split.x), env.world_size)
+    if kind == "forecast":
+        acc = torch.zeros(3, dtype=torch.float64)
+        for i in range(0, len(idx), batch_size):
+            b = idx[i:i + batch_size]
+            err = model(split.x[b].to(env.device)).double().cpu() - split.y[b].double()
+            acc += torch.stack([err.pow(2).sum(), err.abs().sum(), torch.tensor(float(err.numel()))])
+        if env.distributed:
+            dist.all_reduce_sum_(acc)
+        model.train(was_training)
+        return {"mse": float(acc[0] / acc[2]), "mae": float(acc[1] / acc[2]), "loss": float(acc[0] / acc[2])}
+    logits = [model(split.x[idx[i:i + batch_size]].to(env.device)).float().cpu()
+              for i in range(0, len(idx), batch_size)]
+    mine = (idx.numpy(), torch.cat(logits).numpy() if logits else np.zeros((0, 0), np.float32))
+    parts = dist.all_gather_object(mine) if env.distributed else [mine]
+    order = np.concatenate([p[0] for p in parts])
+    logit = np.concatenate([p[1] for p in parts if len(p[0])])[np.argsort(order)]
+    labels = split.y.numpy()
+    m = classification_metrics(labels, logit)
+    m["loss"] = float(F.cross_entropy(torch.from_numpy(logit), torch.from_numpy(labels)))
+    model.train(was_training)
+    return m
+
+
+def _score(kind: str, m: dict) -> tuple:
+    """Lower is better: validation MSE, or (-accuracy, cross-entropy) for classification."""
+    return (m["mse"],) if kind == "forecast" else (-m["accuracy"], m["loss"])
+
+
+def _set_train_mode(model: torch.nn.Module, mode: str) -> None:
+    model.train()
+    if mode == "linear_probe":
+        model.encoder.eval()  # a frozen encoder also keeps dropout off: a true feature extractor
+
+
+def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> dict:
+    """Train with validation-only selection, evaluate the selected weights once on test; the result
+    dict (same on every rank) has the metrics, timings, history and the selected epoch."""
+    cfg.task.validate()
+    world = dist.discover().world_size
+    cfg.dist.deepspeed = cfg.dist.deepspeed or world > 1
+    env = dist.setup(cfg.dist.backend, use_deepspeed=cfg.dist.deepspeed)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    kind = cfg.task.kind
+    seed = cfg.train.seed
+    if data is None:
+        if kind == "forecast":
+            seq_len = (load_state(_resolve(cfg.arch or cfg.init), cfg.storage_options or None)[0].seq_len
+                       if (cfg.init != "random" or cfg.arch) else cfg.model.seq_len)
+            data = forecast_data(cfg, seq_len)
+        else:
+            data = classify_data(cfg)
+    num_classes = int(max(int(s.y.max()) for s in data.values()) + 1) if kind == "classify" else 0
+    model, arch = build_model(cfg, num_classes)
+    if kind == "classify":
+        data = {k: fit_length(v, arch.seq_len, cfg.task.fit_length, f"{cfg.data.source} {k}")
+                for k, v in data.items()}
+    for k, v in data.items():
+        if v.x.shape[-1] != arch.seq_len:
+            raise ValueError(f"{k} split: input length {v.x.shape[-1]} does not match the checkpoint's "
+                             f"seq_len {arch.seq_len}")
+    train = data["train"]
+    keep = label_subset(len(train.x), cfg.task.label_fraction, seed,
+                        train.y.numpy() if kind == "classify" else None)
+    train = Split(train.x[keep], train.y[keep])
+    per_rank = len(train.x) // env.world_size
+    if per_rank < 1:
+        raise ValueError(f"{len(train.x)} training items cannot be split over {env.world_size} ranks")
+    bs = cfg.train.batch_size
+    steps_per_epoch = math.ceil(per_rank / bs)
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+    torch.manual_seed(seed + env.rank)  # dropout streams
+    engine, _ = build_engine(model, cfg, env.device, total)
+    module = engine.module
+    log = print if env.is_main else (lambda *a, **k: None)
+    log(f"finetune[{kind}{'/H=' + str(cfg.task.horizon) if kind == 'forecast' else ''}]: init={cfg.init} "
+        f"mode={cfg.task.mode} {len(train.x)} train items ({env.world_size} rank(s), {steps_per_epoch} steps/epoch), "
+        f"val {len(data['val'].x)}, test {len(data['test'].x)}, engine={'deepspeed' if cfg.dist.deepspeed else 'torch'}",
+        flush=True)
+
+    best, best_score, best_epoch, bad, step, history = None, None, -1, 0, 0, []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.train.epochs):
+        _set_train_mode(module, cfg.task.mode)
+        perm = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        mine = perm[:per_rank * env.world_size][env.rank::env.world_size]
+        total_loss = 0.0
+        for i in range(0, per_rank, bs):
+            b = mine[i:i + bs]
+            out = engine(train.x[b].to(env.device))
+            target = train.y[b].to(env.device)
+            loss = F.mse_loss(out, target) if kind == "forecast" else F.cross_entropy(out, target)
+            engine.backward(loss)
+            engine.step()
+            total_loss += float(loss.detach())
+            step += 1
+            if step >= total:
+                break
+        val = evaluate(module, data["val"], kind, cfg.task.eval_batch_size, env)
+        score = _score(kind, val)
+        improved = best_score is None or score < best_score
+        history.append({"epoch": epoch, "train_loss": total_loss / max(1, steps_per_epoch),
+                        **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - t0})
+        log(f"  epoch {epoch}: train {history[-1]['train_loss']:.4f} val {score[0]:.4f}"
+            f"{' *' if improved else ''} ({history[-1]['seconds']:.0f}s)", flush=True)
+        if improved:
+            best_score, best_epoch, bad = score, epoch, 0
+            best = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            bad += 1
+        if bad >= cfg.task.patience or step >= total:
+            break
+    train_seconds = time.perf_counter() - t0
+    module.load_state_dict(best)  # the validation-selected weights; test is read only below, once
+    t1 = time.perf_counter()
+    test = evaluate(module, data["test"], kind, cfg.task.eval_batch_size, env)
+    result = {
+        "task": kind, "init": cfg.init, "mode": cfg.task.mode, "label_fraction": cfg.task.label_fraction,
+        "horizon": cfg.task.horizon if kind == "forecast" else None,
+        "mse": test.get("mse"), "mae": test.get("mae"), "accuracy": test.get("accuracy"),
+        "macro_f1": test.get("macro_f1"), "auroc": test.get("auroc"),
+        "train_seconds": train_seconds, "test_seconds": time.perf_counter() - t1,
+        "best_epoch": best_epoch, "epochs_run": len(history), "steps": step, "n_train": len(train.x),
+        "n_val": len(data["val"].x), "n_test": len(data["test"].x), "world_size": env.world_size,
+        "engine": "deepspeed" if cfg.dist.deepspeed else "torch", "history": history,
+        "seq_len": arch.seq_len, "num_classes": num_classes or None,
+    }
+    if env.is_main:
+        metrics = {k: result[k] for k in ("mse", "mae", "accuracy", "macro_f1", "auroc") if result[k] is not None}
+        log(f"  test ({result['n_test']} items, epoch {best_epoch} weights): "
+            + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; train {train_seconds:.0f}s", flush=True)
+        if cfg.out:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / "result.json").write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=2))
+    result["_model"] = module
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(path, overrides, cls=FinetuneConfig)
+    result = finetune(cfg)
+    dist.barrier() if dist.discover().world_size > 1 else None
+    result.pop("_model", None)
+    return result
+
+
+if __name__ == "__main__":
+    main()
