@@ -194,7 +194,12 @@ class SimMTM(nn.Module):
         else:
             values, agg_offset = z, offset
         loss_cl, z_agg, w = similarity_and_losses(s, keys, values, self_idx, pos, cfg.temperature, n0, agg_offset,
-                                                  dtype, dense_bytes=self.dense_bytes, need_weights=details)
+                                                  dtype, dense_bytes=self.dense_bytes)
+        if details and w is None:  # monitoring on the blockwise path: the weights of a few rows only
+            with torch.no_grad():
+                k = min(32, n0)
+                w = torch.softmax(mask_self(similarity_logits(s[:k], keys[agg_offset:agg_offset + values.shape[0]],
+                                                              cfg.temperature), self_idx[:k] - agg_offset), -1)
         pred = self.decoder(z_agg).float() * std[:n0] + mean[:n0]
         loss_rec = F.mse_loss(pred, x0)
         losses = (loss_rec, loss_cl) if cfg.constraint_loss else (loss_rec,)  # ablation: no constraint

@@ -204,3 +204,13 @@ def test_model_blockwise_path_equals_dense_path():
     assert torch.allclose(outs[0]["loss_cl"], outs[1]["loss_cl"], rtol=1e-5)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_details_on_blockwise_path_gives_monitoring_weights():
+    torch.manual_seed(8)
+    model = SimMTM(small_cfg())
+    model.dense_bytes = 0
+    out = model(torch.randn(2, 2, 24), generator=torch.Generator().manual_seed(1), details=True)
+    w = out["weights"]
+    assert w.shape[0] == 4 and torch.allclose(w.sum(1), torch.ones(4), atol=1e-6)
+    assert torch.all(w[torch.arange(4), torch.arange(4)] == 0)
