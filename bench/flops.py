@@ -10,7 +10,7 @@ Writes bench/results/flops.json. Target: dominant layers >= 50% of peak.
 """
 from __future__ import annotations
 
-import json
+
 import sys
 import time
 from pathlib import Path
@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models import SimMTM, SimMTMConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results_io import write_result  # noqa: E402
 
 BATCH = 16
 
@@ -97,9 +100,7 @@ def main() -> dict:
     print(f"dominant layers (dense matmuls, profiled): {mm_flops / 1e9:.0f} GFLOP in {mm_us * 1e-6:.2f} s -> "
           f"{result['dominant_layers_gflops']:.1f} GFLOP/s ({100 * result['dominant_fraction_of_peak']:.0f}% of peak; "
           f"target >= 50%: {'met' if result['dominant_fraction_of_peak'] >= 0.5 else 'NOT met'})")
-    out = ROOT / "bench" / "results" / "flops.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result("flops", result)
     return result
 
 

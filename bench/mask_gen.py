@@ -5,7 +5,7 @@ Writes bench/results/mask_gen.json: {"ours_s", "loop_s", "ratio"} (seconds per b
 """
 from __future__ import annotations
 
-import json
+
 import sys
 import time
 from pathlib import Path
@@ -15,6 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.masking import geometric_mask  # noqa: E402
+
+from bench.results_io import write_result  # noqa: E402
 
 B, C, L, M = 16, 7, 336, 3
 RATIO, LM = 0.5, 3.0
@@ -68,9 +70,7 @@ def main() -> dict:
     print(f"  ours (vectorised, torch): {ours * 1e3:9.3f} ms/batch  (masked fraction {frac_ours:.3f})")
     print(f"  authors' per-element loop: {loop * 1e3:8.1f} ms/batch  (masked fraction {frac_loop:.3f})")
     print(f"  ratio: {loop / ours:.0f}x (target >= 1000x: {'met' if loop / ours >= 1000 else 'NOT met'})")
-    out = Path(__file__).resolve().parent / "results" / "mask_gen.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result("mask_gen", result)
     return result
 
 

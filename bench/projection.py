@@ -12,7 +12,7 @@ InfiniBand NDR 400 Gb/s per GPU (45 GB/s achieved) across nodes; ring collective
 """
 from __future__ import annotations
 
-import json
+
 import sys
 from pathlib import Path
 
@@ -21,6 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.flops import step_flops  # noqa: E402
 from models import SimMTMConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results_io import write_result  # noqa: E402
 
 GPUS = {"H100": {"peak_tflops": 989.0, "hbm_gb": 80.0, "hbm_tbs": 3.35},
         "H200": {"peak_tflops": 989.0, "hbm_gb": 141.0, "hbm_tbs": 4.8}}
@@ -82,9 +85,7 @@ def main() -> list:
     for r in rows:
         print(f"{r['reference']:>7} {r['gpu']:>4} {r['world']:>5} {r['batch_per_gpu']:>5} {r['series_per_gpu']:>10} "
               f"{r['step_s_no_overlap']:8.3f} {100 * r['comm_share']:6.1f} {r['memory_gb']:8.1f} {r['fits']}")
-    out = ROOT / "bench" / "results" / "projection.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    write_result("projection", rows)
     return rows
 
 

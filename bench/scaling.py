@@ -14,12 +14,16 @@ Writes bench/results/scaling.json: {"runs": [{"ranks", "zero", "series_per_s"}],
 """
 from __future__ import annotations
 
+
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results_io import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -106,9 +110,7 @@ def main() -> dict:
         print(f"  {c['reference']:>7} world {c['world']:>3}: {c['bytes_per_step'] / 1e9:7.3f} GB "
               f"(gradients {b['gradients'] / 1e9:.3f}, constraint all-gather {b['constraint'] / 1e9:.4f})")
     result = {"runs": runs, "comm": comm, "batch_per_rank": BATCH, "steps": STEPS}
-    out = ROOT / "bench" / "results" / "scaling.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result("scaling", result)
     return result
 
 

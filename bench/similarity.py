@@ -17,6 +17,7 @@ Writes bench/results/memory.json. Threads: 2 (the machine is shared; timings var
 """
 from __future__ import annotations
 
+
 import json
 import os
 import resource
@@ -24,6 +25,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results_io import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 H, M, TAU, BLOCK, THREADS = 128, 3, 0.2, 1024, 2
@@ -131,9 +135,7 @@ def main() -> list:
     big = next(r for r in records if r["n"] == 32768 and r["path"] == "ours")
     print(f"  target: ours under 2 GB at N = 32,768: "
           f"{'met' if big['peak_gb'] is not None and big['peak_gb'] < 2 else 'NOT met'}")
-    out = ROOT / "bench" / "results" / "memory.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(records, indent=2))
+    write_result("memory", records)
     return records
 
 

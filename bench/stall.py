@@ -6,12 +6,16 @@ bench/results/stall.json: {"stall_fraction": ...}. Target < 2%.
 """
 from __future__ import annotations
 
+
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results_io import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -28,9 +32,7 @@ def main() -> dict:
               "wait_s": s["data_wait_fraction"] * s["elapsed_s"], "series_per_s": s["series_per_s"]}
     print(f"data wait: {100 * result['stall_fraction']:.3f}% of {result['wall_s']:.1f} s over {STEPS} steps "
           f"(target < 2%: {'met' if result['stall_fraction'] < 0.02 else 'NOT met'})")
-    out = ROOT / "bench" / "results" / "stall.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result("stall", result)
     return result
 
 

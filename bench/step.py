@@ -7,11 +7,15 @@ batch 4 (peak ~9.8 GB), killed for memory at batch 16 (24 GB).
 """
 from __future__ import annotations
 
+
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results_io import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTHORS = {2: 19.0, 4: 39.0}  # s/step measured with the authors' code on this machine kind
@@ -61,9 +65,7 @@ def main() -> list:
     b16 = next(r for r in records if r["batch"] == 16)
     print(f"  targets: batch 16 under 8 GB: {'met' if b16['peak_gb'] < 8 else 'NOT met'}; "
           f">= 5x per series: {'met' if min(r['speedup_vs_authors_per_series'] for r in records) >= 5 else 'NOT met'}")
-    out = ROOT / "bench" / "results" / "step.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(records, indent=2))
+    write_result("step", records)
     return records
 
 

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save

@@ -1,5 +1,4 @@
 """Masking statistics: fraction, stretch lengths (geometric law), determinism, views differ."""
-import math
 
 import pytest
 import torch
