@@ -187,7 +187,7 @@ def markdown(records: list[dict]) -> str:
             def avg(init: str, k: str):
                 vals = [by[(init, h)][k] for h in hs if (init, h) in by]
                 return sum(vals) / len(vals) if vals and len(vals) == len(hs) else None
-            lines.append(f"| **avg** | **{_f(avg('simmtm', 'mse'))}** | {_f(avg('simmtm', 'mae'))} | "
+            lines.append(f"| **avg ({len(hs)} horizon{'s' if len(hs) > 1 else ''})** | **{_f(avg('simmtm', 'mse'))}** | {_f(avg('simmtm', 'mae'))} | "
                          f"**{_f(avg('random', 'mse'))}** | {_f(avg('random', 'mae'))} | | |")
             if paper:
                 lines.append(f"| paper avg | {paper['simmtm']} | | {paper['random']} | | | |")
