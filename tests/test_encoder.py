@@ -23,14 +23,19 @@ def test_sdpa_equals_explicit_attention_in_eval(kind):
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_gradients_equal_explicit_attention():
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_sdpa_gradients_equal_explicit_attention(dtype, tol):
+    # A fixed random projection of the output as the loss: sum(out**2) would be nearly constant
+    # after the final LayerNorm, leaving gradients that are pure rounding noise.
     torch.manual_seed(1)
-    enc = Encoder(cfg(dropout=0.0))
-    x = torch.randn(4, 48)
-    ga = torch.autograd.grad(enc(x).square().sum(), list(enc.parameters()))
-    gb = torch.autograd.grad(enc(x, explicit_attention=True).square().sum(), list(enc.parameters()))
+    enc = Encoder(cfg(dropout=0.0)).to(dtype)
+    x = torch.randn(4, 48, dtype=dtype)
+    r = torch.randn(4, 48, 16, dtype=dtype)
+    ga = torch.autograd.grad((enc(x) * r).sum(), list(enc.parameters()))
+    gb = torch.autograd.grad((enc(x, explicit_attention=True) * r).sum(), list(enc.parameters()))
     for a, b in zip(ga, gb):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        # error relative to each gradient tensor's scale
+        assert (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
 
 
 def test_shapes_and_patch_count():

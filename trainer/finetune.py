@@ -44,7 +44,8 @@ class TaskConfig:
     horizon: int = 96  # forecast steps H (any positive value)
     mode: Literal["full", "linear_probe"] = "full"  # linear_probe: frozen encoder, only the head trains
     label_fraction: float = 1.0  # share of the training split used, drawn reproducibly (seeded by train.seed)
-    head_dropout: float = 0.2  # the authors' fine-tuning dropout
+    head_dropout: float = 0.2  # the authors' fine-tuning dropout, on the head ...
+    dropout: Optional[float] = 0.2  # ... and in the encoder (None: keep the checkpoint's pre-training value)
     patience: int = 3  # early stopping: epochs without a better validation score
     val_stride: int = 1  # stride of validation windows (budget runs); the test split always uses stride 1
     eval_batch_size: int = 64
@@ -58,6 +59,8 @@ class TaskConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.patience < 1 or self.val_stride < 1 or self.eval_batch_size < 1:
             raise ValueError("patience, val_stride and eval_batch_size must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
@@ -234,12 +237,15 @@ def label_subset(n: int, fraction: float, seed: int, labels: Optional[np.ndarray
 
 def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Module, SimMTMConfig]:
     """Encoder from a published checkpoint (or random, same architecture) plus a fresh head."""
+    # Dropout is a fine-tuning setting, not part of the weights: the published architecture with it replaced.
+    ft = (lambda a: a if cfg.task.dropout is None else replace(a, dropout=cfg.task.dropout))
     if cfg.init == "random":
-        arch = load_state(_resolve(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model
+        arch = ft(load_state(_resolve(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model)
         torch.manual_seed(cfg.train.seed)
         encoder = Encoder(arch)
     else:
         arch, state, _ = load_state(_resolve(cfg.init), cfg.storage_options or None)
+        arch = ft(arch)
         encoder = Encoder(arch)
         enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         if not enc:
