@@ -6,6 +6,7 @@ a published checkpoint. fsspec is imported only for URLs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -68,8 +69,11 @@ def save_pretrained(model: SimMTM, folder: str, extra: Optional[dict] = None, in
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
              if include_heads or k.startswith("encoder.")}
     meta = {"format": "simmtm", "include_heads": str(include_heads)}
-    write_bytes(join(folder, WEIGHTS), st_save(state, metadata=meta), storage_options)
-    config = {"model": dataclasses.asdict(model.cfg), **(extra or {})}
+    weights = st_save(state, metadata=meta)
+    write_bytes(join(folder, WEIGHTS), weights, storage_options)
+    # The weights' digest in the config: a file whose tensors were edited still parses, this catches it.
+    config = {"model": dataclasses.asdict(model.cfg), **(extra or {}),
+              "weights_sha256": hashlib.sha256(weights).hexdigest()}
     write_bytes(join(folder, CONFIG), json.dumps(config, indent=2).encode(), storage_options)
 
 
@@ -93,6 +97,10 @@ def load_state(folder: str, storage_options: Optional[dict] = None) -> tuple[Sim
         state = st_load(data)
     except (SafetensorError, Exception) as e:  # truncated or tampered files fail to parse here
         raise ValueError(f"{w_path}: not a valid safetensors file ({len(data)} bytes): {e}") from None
+    want = config.get("weights_sha256")
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"{w_path}: content differs from the weights_sha256 in {CONFIG} "
+                         f"(tampered with or corrupted)")
     return cfg, state, config
 
 

@@ -12,7 +12,11 @@ from models.config import SimMTMConfig
 from trainer.config import load_config
 from trainer.finetune import FinetuneConfig, Split, finetune, label_subset
 
+from trainer.config import REPO_ROOT
+
 from .launch_utils import pretrain_cmd, run
+
+GESTURE = REPO_ROOT.parent / "shared" / "data" / "classification" / "Gesture"  # the shared copy tests read
 
 TINY_FT = ["train.epochs=1", "task.val_stride=16", "data.window_stride=64", "task.eval_batch_size=256",
            "train.batch_size=8", "train.num_threads=1"]
@@ -50,7 +54,7 @@ def test_forecast_end_to_end_from_published(published, tmp_path):
 
 def test_classify_end_to_end_from_published(published, tmp_path):
     r = finetune(cfg_of(f"init={published}", "task.kind=classify", "task.fit_length=interpolate",
-                        "data.source=/work/shared/data/classification/Gesture", *TINY_FT))
+                        f"data.source={GESTURE}", *TINY_FT))
     assert r["n_train"] == 320 and r["n_test"] == 120 and r["num_classes"] == 8
     assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0 and 0.0 <= r["auroc"] <= 1.0
     assert r["mse"] is None
@@ -59,7 +63,7 @@ def test_classify_end_to_end_from_published(published, tmp_path):
 def test_input_length_mismatch_names_both_numbers(published):
     with pytest.raises(ValueError, match=r"206.*seq_len 48"):
         finetune(cfg_of(f"init={published}", "task.kind=classify",
-                        "data.source=/work/shared/data/classification/Gesture", *TINY_FT))
+                        f"data.source={GESTURE}", *TINY_FT))
 
 
 def test_label_fraction_respected_and_reproducible():

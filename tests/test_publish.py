@@ -44,6 +44,8 @@ def test_publish_folder_contents(plain_run, tmp_path):
     for section in ("## Data", "## Architecture", "## Pre-training", "## Intended use", "## How to fine-tune"):
         assert section in card
     assert cfg["data_manifest_hash"] in card
+    assert "6 optimizer steps" in card and f"-> {metrics['last']['loss_rec']:.4f}" in card  # steps, final losses
+    assert "init=THIS_FOLDER_OR_URL" in card  # the fine-tuning command it documents is the real one
     m = json.loads((dest / "metrics.json").read_text())
     assert m["steps"] == 6 and m["last"]["loss_rec"] == metrics["last"]["loss_rec"]
 
@@ -102,3 +104,43 @@ def test_truncated_or_tampered_weights_are_rejected(plain_run, tmp_path):
     (dest / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         load_pretrained(str(dest))
+
+
+def test_edited_weights_fail_the_recorded_digest(plain_run, tmp_path):
+    out, _ = plain_run
+    dest = tmp_path / "edited"
+    publish(out, str(dest))
+    weights = dest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # still a valid file: one tensor value changed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors: content differs from the weights_sha256"):
+        load_pretrained(str(dest))
+
+
+def test_publish_cli_and_loading_without_deepspeed_or_pickle(plain_run, tmp_path):
+    """`python trainer/publish.py CHECKPOINT OUT`, then load_pretrained in a fresh interpreter where
+    importing deepspeed fails and torch.load raises: only torch + safetensors are used."""
+    import subprocess
+    import sys
+
+    from trainer.config import REPO_ROOT
+
+    out, _ = plain_run
+    dest = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "trainer/publish.py", str(out), str(dest), "--no-heads"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "published" in proc.stdout and (dest / "README.md").exists()
+    code = ("import sys, torch\n"
+            "sys.modules['deepspeed'] = None\n"
+            "def no(*a, **k): raise AssertionError('torch.load used')\n"
+            "torch.load = no\n"
+            "from models import load_pretrained\n"
+            f"enc = load_pretrained({str(dest)!r})\n"
+            "print('ok', sum(p.numel() for p in enc.parameters()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr
+    bad = subprocess.run([sys.executable, "trainer/publish.py", str(tmp_path / "nothing"), str(tmp_path / "x")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "neither a complete checkpoint folder nor a run with checkpoints" in bad.stderr

@@ -27,12 +27,13 @@ def losses(s):
 
 
 def test_sigkill_every_rank_then_resume_auto_is_exact(tmp_path):
+    # dropout on: the resumed run must also restore the global torch RNG streams, not only the mask generator
     straight = summary_of = tmp_path / "straight"
-    run(ds(straight))
+    run(ds(straight, "model.dropout=0.1"))
     reference = summary(summary_of)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(ds(killed), cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(ds(killed, "model.dropout=0.1"), cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "checkpoints" / "step_00000008" / "COMPLETE"
     deadline = time.time() + 300
@@ -46,7 +47,7 @@ def test_sigkill_every_rank_then_resume_auto_is_exact(tmp_path):
     latest = (killed / "checkpoints" / "latest").read_text()
     assert latest < f"step_{STEPS:08d}"
 
-    out = run(ds(killed, "ckpt.resume=auto"))
+    out = run(ds(killed, "model.dropout=0.1", "ckpt.resume=auto"))
     assert f"resumed from {latest}" in out.stdout
     resumed = summary(killed)
     assert losses(resumed) == losses(reference)  # every step's losses, bitwise
@@ -95,7 +96,63 @@ def test_truncated_deepspeed_checkpoint_gives_clear_error(tmp_path):
     proc = subprocess.run(ds(out, "train.max_steps=6", "ckpt.resume=auto", ranks=1), cwd=REPO_ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert f"{optim}: cannot be loaded safely (truncated, tampered with" in proc.stdout + proc.stderr
+    assert f"{optim}: content differs from the sha256 recorded when the checkpoint was saved" in proc.stdout + proc.stderr
+
+
+def test_edited_checkpoint_bytes_are_detected_and_unreadable_files_named(tmp_path):
+    """An edit that keeps the file parseable is caught by the digests in COMPLETE; without them
+    (an old checkpoint), safe loading still names a file it cannot parse."""
+    import json
+
+    import pytest
+
+    from trainer.checkpoint import CheckpointError, load, safe_torch_load, verify
+
+    out = tmp_path / "edit"
+    run(ds(out, "train.max_steps=4", ranks=1))
+    folder = out / "checkpoints" / "step_00000004"
+    model = next(folder.glob("*model_states.pt"))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor payload
+    model.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{model}: content differs"):
+        verify(folder)
+    with pytest.raises(CheckpointError, match="content differs"):
+        load(object(), out / "checkpoints", "step_00000004")
+    optim = next(folder.glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:100])
+    (folder / "COMPLETE").write_text(json.dumps({"step": 4}))  # no digests recorded
+    verify(folder)
+    import torch
+
+    with pytest.raises(CheckpointError, match=f"{optim}: cannot be loaded safely"):
+        with safe_torch_load():
+            torch.load(optim)
+
+
+def test_finished_run_started_again_leaves_latest_untouched(tmp_path):
+    out = tmp_path / "done"
+    run(ds(out, "train.max_steps=4", "ckpt.every=2", ranks=1))
+    ck = out / "checkpoints"
+    marker = ck / "step_00000004" / "COMPLETE"
+    before = (marker.read_text(), marker.stat().st_mtime_ns, (ck / "latest").read_text())
+    run(ds(out, "train.max_steps=4", "ckpt.every=2", "ckpt.resume=auto", ranks=1))
+    assert (marker.read_text(), marker.stat().st_mtime_ns, (ck / "latest").read_text()) == before
+    assert summary(out)["checkpoint"].endswith("step_00000004")
+
+
+def test_rollback_keeps_the_new_latest_when_pruning(tmp_path):
+    """Resuming from an older checkpoint (a rollback) and saving with keep=1: the checkpoint just
+    written is kept and named by `latest`, even though an older timeline left higher step numbers."""
+    from trainer.checkpoint import latest_tag, verify
+
+    out = tmp_path / "rollback"
+    run(ds(out, "train.max_steps=8", "ckpt.every=2", "ckpt.keep=4", ranks=1))
+    ck = out / "checkpoints"
+    run(ds(out, "train.max_steps=6", "ckpt.every=2", "ckpt.keep=1", f"ckpt.resume={ck / 'step_00000004'}", ranks=1))
+    assert latest_tag(ck) == "step_00000006"
+    verify(ck / "step_00000006")
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000006"]
 
 
 def test_safe_loading_refuses_arbitrary_pickles(tmp_path):
@@ -122,7 +179,7 @@ def test_checkpoints_mirrored_to_s3_survive_loss_of_local_disk(tmp_path, s3):  #
 
     from .launch_utils import pretrain_cmd
 
-    args = ["train.max_steps=12", "ckpt.every=4", "log.tensorboard=false"]
+    args = ["train.max_steps=12", "ckpt.every=4", "ckpt.keep=2", "log.tensorboard=false"]
     straight = tmp_path / "straight"
     run(pretrain_cmd(*args, f"ckpt.dir={straight}"))
     remote = f"s3://{s3['new_bucket']('ckpt')}/run1"
@@ -140,3 +197,5 @@ def test_checkpoints_mirrored_to_s3_survive_loss_of_local_disk(tmp_path, s3):  #
     assert losses(summary(out)) == losses(summary(straight))
     assert summary(out)["parameter_digests"] == summary(straight)["parameter_digests"]
     assert client.get_object(Bucket=bucket, Key=f"{prefix}/latest")["Body"].read().decode() == "step_00000012"
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]]
+    assert sorted({k.split("/")[1] for k in keys if "/step_" in k}) == ["step_00000008", "step_00000012"]  # keep=2

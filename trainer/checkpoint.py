@@ -5,16 +5,19 @@ Layout of `<ckpt.dir>/checkpoints/`:
     step_00000040/                one checkpoint (DeepSpeed's files, or model.safetensors + optimizer.pt)
         state.json                shared: step, epoch, history, config, world size, engine, ZeRO stage
         rank{r}.json              per rank: RNG states (torch, numpy, python, mask generator), data stream
-        COMPLETE                  written last, after every rank finished
+        COMPLETE                  written last, after every rank finished: the sha256 of every file
     latest                        the tag of the newest complete checkpoint (atomic rename)
 
 `latest` moves only after a complete save, so a crash mid-save leaves the previous checkpoint as
 the one `resume=auto` picks. Loading never unpickles arbitrary objects: DeepSpeed's own files go
-through `torch.load(weights_only=True)` with the few DeepSpeed classes they hold allow-listed.
+through `torch.load(weights_only=True)` with the few DeepSpeed classes they hold allow-listed, and
+every file is checked against the sha256 recorded in COMPLETE first, so a truncated or edited file
+is named before anything reads it.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -143,6 +146,40 @@ def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
     return tag
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digests(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): _sha256(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp")}
+
+
+def verify(folder: str | Path) -> None:
+    """Check the files this process can see against the sha256s recorded when the save completed.
+
+    Files another node wrote to its own disk are absent here and checked there. Raises naming the file.
+    """
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no {COMPLETE} marker)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{folder / COMPLETE}: corrupt") from None
+    if not isinstance(marker, dict):  # a derived folder (e.g. the universal conversion): nothing recorded
+        return
+    for name, digest in (marker.get("sha256") or {}).items():
+        f = folder / name
+        if f.exists() and _sha256(f) != digest:
+            raise CheckpointError(f"{f}: content differs from the sha256 recorded when the checkpoint was saved "
+                                  f"(truncated, tampered with or corrupted on disk)")
+
+
 def read_state(ckpt_dir: str | Path, tag: str) -> dict:
     folder = Path(ckpt_dir) / tag
     if not (folder / COMPLETE).exists():
@@ -158,11 +195,16 @@ def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, 
     tag = tag_for(step)
     folder = d / tag
     rank, _ = dist.world()
-    if rank == 0:
-        if folder.exists() and not (folder / COMPLETE).exists():
-            shutil.rmtree(folder)  # debris of an interrupted save of this same step
+
+    def prepare() -> None:
+        if (d / LATEST).exists() and (d / LATEST).read_text().strip() == tag:
+            raise CheckpointError(f"{folder}: refusing to write over the checkpoint `latest` names")
+        if folder.exists():  # an interrupted save of this step, or a complete one of an abandoned timeline
+            (folder / COMPLETE).unlink(missing_ok=True)  # first: a half-deleted folder never looks complete
+            shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+
+    dist.agree(prepare if rank == 0 else (lambda: None), f"preparing {folder}")
     if hasattr(engine, "save_checkpoint"):  # DeepSpeed: model + optimizer shards from every rank
         engine.save_checkpoint(str(d), tag=tag, client_state={}, save_latest=False)
     elif rank == 0:
@@ -176,12 +218,18 @@ def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, 
         _write_json(folder / STATE, shared)
     dist.barrier()
     if rank == 0:
-        _write_json(folder / COMPLETE, {"step": step})
+        _write_json(folder / COMPLETE, {"step": step, "sha256": _digests(folder)})
         tmp = d / (LATEST + ".tmp")
-        tmp.write_text(tag)
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, d / LATEST)  # the pointer moves only now, atomically
-        done = sorted(p for p in d.glob("step_????????") if p.is_dir() and (p / COMPLETE).exists())
-        for old in done[:-keep] if keep > 0 else []:
+        # Keep the newest `keep` complete checkpoints, counting this one whatever its step (after a
+        # rollback an older-numbered checkpoint is the latest).
+        others = sorted(p for p in d.glob("step_????????") if p.is_dir() and p.name != tag and (p / COMPLETE).exists())
+        for old in others[:max(0, len(others) - (keep - 1))] if keep > 0 else []:
+            (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
     dist.barrier()
@@ -204,7 +252,11 @@ def to_universal(ckpt_dir: str | Path, tag: str) -> str:
     """
     d = Path(ckpt_dir)
     out = d / f"{tag}_universal"
-    if dist.world()[0] == 0 and not (out / COMPLETE).exists():
+
+    def convert() -> None:
+        if (out / COMPLETE).exists():
+            return
+        verify(d / tag)
         shutil.rmtree(out, ignore_errors=True)
         code = ("import sys; from trainer.checkpoint import safe_torch_load\n"
                 "from deepspeed.checkpoint import ds_to_universal as conv\n"
@@ -221,14 +273,16 @@ def to_universal(ckpt_dir: str | Path, tag: str) -> str:
         if proc.returncode != 0:
             raise CheckpointError(f"{d / tag}: conversion to DeepSpeed's universal format failed:\n"
                                   f"{proc.stderr[-3000:]}")
-        (out / COMPLETE).write_text("ok\n")
-    dist.barrier()
+        _write_json(out / COMPLETE, {"converted_from": tag})  # no digests: derived, and verified at the source
+
+    dist.agree(convert if dist.world()[0] == 0 else (lambda: None), f"converting {d / tag} to the universal format")
     return out.name
 
 
 def load(engine, ckpt_dir: str | Path, tag: str, load_optimizer: bool = True) -> None:
     """Restore model, optimizer and schedule into `engine` (collective under DeepSpeed)."""
     folder = Path(ckpt_dir) / tag
+    verify(folder)
     if hasattr(engine, "load_checkpoint"):
         with safe_torch_load():
             path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
@@ -269,8 +323,8 @@ def load_rank_state(ckpt_dir: str | Path, tag: str, rank: int) -> dict:
 
 # ----------------------------------------------------------------------------- remote mirror
 
-def upload(folder: Path, remote: str, storage_options: Optional[dict], local_rank: int) -> None:
-    """Mirror a complete local checkpoint to `remote` (any fsspec URL). Collective.
+def upload(folder: Path, remote: str, storage_options: Optional[dict], local_rank: int, keep: int = 0) -> None:
+    """Mirror a complete local checkpoint to `remote` (any fsspec URL) and keep its newest `keep`. Collective.
 
     Staging may be node-local, so each node's local rank 0 uploads the files its node wrote; the
     COMPLETE marker and then the remote `latest` go up last, from rank 0, after every node is done:
@@ -280,17 +334,32 @@ def upload(folder: Path, remote: str, storage_options: Optional[dict], local_ran
 
     fs, base = filesystem(remote, storage_options)
     tag = folder.name
-    if local_rank == 0:
+
+    def put_files() -> None:
+        if local_rank != 0:
+            return
         for f in sorted(folder.iterdir()):
             if f.is_file() and f.name != COMPLETE:
                 retrying(lambda f=f: fs.put_file(str(f), f"{base}/{tag}/{f.name}"), f"upload {f.name}")
             elif f.is_dir():  # DeepSpeed universal/zero sub-folders
                 retrying(lambda f=f: fs.put(str(f), f"{base}/{tag}/{f.name}", recursive=True), f"upload {f.name}")
-    dist.barrier()
-    if dist.world()[0] == 0:
+
+    def publish_pointer() -> None:
+        if dist.world()[0] != 0:
+            return
         retrying(lambda: fs.pipe_file(f"{base}/{tag}/{COMPLETE}", (folder / COMPLETE).read_bytes()), "upload marker")
         retrying(lambda: fs.pipe_file(f"{base}/{LATEST}", tag.encode()), "upload latest")
-    dist.barrier()
+        if keep > 0:
+            fs.invalidate_cache()
+            tags = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+            others = [t for t in tags if len(t) == len(tag) and t.startswith("step_") and t != tag]
+            for old in others[:max(0, len(others) - (keep - 1))]:
+                if fs.exists(f"{base}/{old}/{COMPLETE}"):  # the marker first: never a half-deleted "complete" one
+                    retrying(lambda old=old: fs.rm_file(f"{base}/{old}/{COMPLETE}"), f"prune {old}")
+                retrying(lambda old=old: fs.rm(f"{base}/{old}", recursive=True), f"prune {old}")
+
+    dist.agree(put_files, f"uploading {folder} to {remote}")
+    dist.agree(publish_pointer, f"publishing {remote}/{tag}")
 
 
 def remote_latest(remote: str, storage_options: Optional[dict]) -> Optional[str]:

@@ -188,6 +188,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree(fn, what: str):
+    """Collective: every rank runs its part `fn` (which may do nothing on some ranks), then all
+    share the outcome. A failure anywhere raises on every rank, naming the rank and the error,
+    instead of leaving the others blocked in the next barrier. Returns this rank's result."""
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    if world()[1] > 1:
+        failures = [m for m in all_gather_object(None if error is None else f"{type(error).__name__}: {error}")]
+        if error is None and any(failures):
+            r = next(i for i, m in enumerate(failures) if m)
+            raise RuntimeError(f"{what} failed on rank {r}: {failures[r]}")
+    if error is not None:
+        raise error
+    return result
+
+
 def broadcast_object(obj, src: int = 0):
     if world()[1] == 1:
         return obj

@@ -89,41 +89,63 @@ def _run(cmd: list[str], log: Path) -> float:
 
 def pretrain_stage(cfg: EvalConfig, out: Path) -> tuple[str, Optional[float]]:
     """The published folder, pre-training first unless it already exists; and the pre-training wall time."""
-    published = Path(cfg.published or out / "pretrain" / "published")
+    published = _published(cfg, out)
     run_dir = published.parent
-    if not (published / "model.safetensors").exists():
-        cmd = [sys.executable, "trainer/pretrain.py", "--config", cfg.pretrain_config, *cfg.pretrain_overrides,
-               f"ckpt.dir={run_dir}", f"ckpt.publish={published}", "train.progress=false"]
+    cmd = [sys.executable, "trainer/pretrain.py", "--config", cfg.pretrain_config, *cfg.pretrain_overrides,
+           f"ckpt.dir={run_dir}", f"ckpt.publish={published}", "train.progress=false"]
+    provenance = run_dir / "pretrain_command.json"
+    if (published / "model.safetensors").exists():
+        # Reuse only the checkpoint this recipe would produce: a stale one would mislabel every record.
+        if provenance.exists() and json.loads(provenance.read_text())["command"] != cmd[1:]:
+            raise RuntimeError(f"{published} was pre-trained with another command than this recipe's "
+                               f"(see {provenance}); remove it or set `published` to another folder")
+    else:
         seconds = _run(cmd, out / "logs" / "pretrain.log")
         (run_dir / "wall_seconds.json").write_text(json.dumps({"pretrain_wall_seconds": seconds}))
+        provenance.write_text(json.dumps({"command": cmd[1:]}))
     wall, summary = run_dir / "wall_seconds.json", run_dir / "summary.json"
     seconds = (json.loads(wall.read_text())["pretrain_wall_seconds"] if wall.exists()
                else json.loads(summary.read_text()).get("elapsed_s") if summary.exists() else None)
     return str(published), seconds
 
 
+def _repo_path(path: str) -> Path:
+    """Relative paths mean the same folder as for the stages, which run in the repo root."""
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _published(cfg: EvalConfig, out: Path) -> Path:
+    return _repo_path(cfg.published) if cfg.published else out / "pretrain" / "published"
+
+
 def run(cfg: EvalConfig) -> list[dict]:
-    out = Path(cfg.out or REPO_ROOT / "runs" / "eval" / cfg.name)
+    out = _repo_path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
     results = out / "results.json"
     records = load_records(results)
     done = {record_key(r) for r in records}
     horizons = cfg.horizons if cfg.task == "forecast" else [None]
     ft_overrides = list(cfg.finetune_overrides)
-    probe = next((o.split("=", 1)[1] for o in ft_overrides if o.startswith("task.mode=")), "full")
-    frac = float(next((o.split("=", 1)[1] for o in ft_overrides if o.startswith("task.label_fraction=")), 1.0))
+    from trainer.finetune import FinetuneConfig  # the fine-tuning task as the stages will resolve it
+
+    ft_task = load_config(str(_repo_path(cfg.finetune_config)), ft_overrides, cls=FinetuneConfig).task
+    probe, frac = ft_task.mode, float(ft_task.label_fraction)
     todo = [(i, h) for h in horizons for i in cfg.inits
             if (cfg.setting, cfg.pretrain_data if i == "simmtm" else None, cfg.finetune_data, i, cfg.recipe,
                 cfg.task, h, frac, probe) not in done]
     if not todo:
         print(f"{cfg.name}: all {len(records)} records present in {results}")
     published, pt_seconds = (pretrain_stage(cfg, out) if todo and "simmtm" in {i for i, _ in todo}
-                             else (str(Path(cfg.published or out / "pretrain" / "published")), None))
+                             else (str(_published(cfg, out)), None))
     for init, h in todo:
         tag = f"{init}-H{h}" if h is not None else init
         ft_out = out / "finetune" / tag
         init_args = [f"init={published}"] if init == "simmtm" else ["init=random", f"arch={published}"]
         if init == "random" and not Path(published, "config.json").exists():
-            init_args = ["init=random"]  # not published (yet): the architecture is the fine-tune config's model.*
+            # The baseline must copy the pre-trained architecture; the fine-tune config's model.* defaults
+            # would silently compare against another model.
+            raise RuntimeError(f"random init copies the architecture of {published}, which does not exist: "
+                               f"put simmtm first in `inits` or point `published` at a published folder")
         cmd = [*shlex.split(cfg.launcher), *([] if cfg.launcher else [sys.executable]), "trainer/finetune.py",
                "--config", cfg.finetune_config, *ft_overrides, f"task.kind={cfg.task}", *init_args, f"out={ft_out}"]
         if h is not None:
@@ -143,7 +165,7 @@ def run(cfg: EvalConfig) -> list[dict]:
         save_records(results, records)
         print(f"  {tag}: " + " ".join(f"{k} {rec[k]:.4f}" for k in ("mse", "mae", "accuracy", "macro_f1", "auroc")
                                      if rec[k] is not None), flush=True)
-    md = Path(cfg.markdown or out / "results.md")
+    md = _repo_path(cfg.markdown) if cfg.markdown else out / "results.md"
     md.write_text(markdown(load_records(results)))
     return load_records(results)
 

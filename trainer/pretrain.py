@@ -135,7 +135,7 @@ def train(cfg: Config) -> dict:
         per_rank = {"rng": checkpoint.rng_state(generator), "data": loader.state_dict()}
         folder = checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep)
         if cfg.ckpt.remote:
-            checkpoint.upload(folder, cfg.ckpt.remote, cfg.ckpt.storage_options, env.local_rank)
+            checkpoint.upload(folder, cfg.ckpt.remote, cfg.ckpt.storage_options, env.local_rank, cfg.ckpt.keep)
         return folder
 
     meter = Throughput()
@@ -194,7 +194,12 @@ def train(cfg: Config) -> dict:
             continue
         break
 
-    last_saved = save(step)
+    # The final state, unless it is exactly the checkpoint this run resumed from (a finished run
+    # started again): writing over the checkpoint `latest` names would put it at risk for nothing.
+    if saved is None or step != saved["step"]:
+        last_saved = save(step)
+    else:
+        last_saved = resume_dir / resume_tag
     digests = dist.all_gather_object(dist.parameter_digest(engine.module))
     data_stats = dist.sum_counters(loader.stats)
     rates = meter.rates()

@@ -48,8 +48,12 @@ def resolve(path: str | Path) -> tuple[Path, str]:
 def consolidated_state(ckpt_dir: Path, tag: str, state: dict) -> dict:
     """One fp32 state dict, whatever the engine and ZeRO stage that wrote the checkpoint."""
     folder = ckpt_dir / tag
+    checkpoint.verify(folder)
     if state["engine"] != "deepspeed":
-        return load_file(str(folder / "model.safetensors"))
+        try:
+            return load_file(str(folder / "model.safetensors"))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise checkpoint.CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({e})") from None
     with checkpoint.safe_torch_load():
         if state.get("zero_stage", 0) > 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -110,7 +114,8 @@ from models.heads import Forecaster, Classifier
 encoder = load_pretrained("THIS_FOLDER_OR_URL")          # torch + safetensors only
 model = Forecaster(encoder, horizon=96, dropout=0.2)      # or Classifier(encoder, num_classes)
 ```
-or `python trainer/finetune.py --pretrained THIS_FOLDER_OR_URL ...`.
+or `python trainer/finetune.py --config configs/finetune_etth1.yaml init=THIS_FOLDER_OR_URL task.horizon=96`
+(`configs/finetune_gesture.yaml` for classification; `task.mode=linear_probe` keeps the encoder frozen).
 """
 
 
