@@ -22,6 +22,9 @@ class DataConfig:
     # windows shuffled together: consecutive shards are grouped until a group holds this many; a group is
     # permuted exactly (a small set such as ETTh1 is one group: a full shuffle)
     shuffle_buffer: int = 1024
+    # ... and holds at least this many shards, so batches mix shards (and the data sets they come from)
+    # even when one shard alone exceeds the buffer; a group's shards are decoded in memory together
+    shuffle_shards: int = 4
     infinite: bool = False  # resample forever (step-based training)
     num_workers: int = 0
     # items read ahead per worker (DataLoader prefetch_factor; an item is up to 16 batches, ~4 MB);
@@ -39,6 +42,14 @@ class DataConfig:
             raise ValueError(f"window_stride must be >= 1, got {self.window_stride}")
         if self.num_workers < 0 or self.prefetch < 1 or self.shuffle_buffer < 1 or self.retries < 0:
             raise ValueError("num_workers >= 0, prefetch >= 1, shuffle_buffer >= 1, retries >= 0 required")
+        if self.shuffle_shards < 1:
+            raise ValueError(f"shuffle_shards must be >= 1, got {self.shuffle_shards}")
+        choices = {"format": ("auto", "parquet", "webdataset"), "split": ("train", "val", "test"),
+                   "channels": ("multivariate", "independent"), "short_series": ("drop", "pad", "error"),
+                   "on_bad_sample": ("error", "skip")}
+        for name, allowed in choices.items():  # for direct API use; the trainer's config loader checks too
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.read_ahead < 0 or self.retry_backoff < 0:
             raise ValueError("read_ahead >= 0 and retry_backoff >= 0 required")
         if not self.source:

@@ -108,9 +108,11 @@ def read_bytes(url: str, storage_options: Optional[dict] = None, retries: int = 
     return retrying(_read, url, retries, backoff, on_retry)
 
 
-def write_bytes(url: str, data: bytes, storage_options: Optional[dict] = None) -> None:
+def write_bytes(url: str, data: bytes, storage_options: Optional[dict] = None, retries: int = 3,
+                backoff: float = 0.2) -> None:
     """Write a whole object. Local files go through a temp file + rename, so a concurrent reader
-    (another rank converting the same CSV on first use) never sees a half-written shard."""
+    (another rank converting the same CSV on first use) never sees a half-written shard; object
+    stores get the same bounded retries as reads (a whole-object PUT is idempotent)."""
     fs, path = filesystem(url, storage_options)
     if is_local(url):
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
@@ -122,7 +124,7 @@ def write_bytes(url: str, data: bytes, storage_options: Optional[dict] = None) -
     parent = posixpath.dirname(path)
     if parent and protocol_of(url) not in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
         fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, data)
+    retrying(lambda: fs.pipe_file(path, data), f"write {url}", retries, backoff)
 
 
 def exists(url: str, storage_options: Optional[dict] = None) -> bool:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from . import fs as _fs
 from .config import DataConfig
 from .convert import ensure_converted
-from .errors import DataError
+from .errors import DataError, ShardError
 from .readers import is_raw
 from .shards import (ChannelStats, decode, make_manifest, load_manifest, shard_entry, shard_url, sniff_format,
                      Series)
@@ -36,8 +36,8 @@ STATE_VERSION = 1
 STAT_KEYS = ("windows", "batches", "tail_dropped", "skipped_short", "padded", "skipped_bad", "bad_series",
              "bad_shards", "resampled", "shards_read", "bytes_read", "retries")
 _LAYOUT_KEYS = ("rank", "world_size", "num_workers", "batch_size", "seq_len", "stride", "overlap", "split",
-                "channels", "short_series", "seed", "shuffle", "shuffle_buffer", "infinite", "drop_last",
-                "content_hash")
+                "channels", "short_series", "seed", "shuffle", "shuffle_buffer", "shuffle_shards", "infinite",
+                "drop_last", "normalize", "on_bad_sample", "content_hash")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -47,9 +47,12 @@ def _has_glob(s: str) -> bool:
 
 
 def scan_shards(urls: list[str], fmt: str = "auto", storage_options: Optional[dict] = None,
-                retries: int = 3) -> dict:
+                retries: int = 3, on_bad_sample: str = "error") -> dict:
     """An in-memory manifest for bare shard URLs (no manifest.json): reads every shard once to learn
-    series shapes and per-channel statistics (all data counts as `train`). Prefer real manifests."""
+    series shapes and per-channel statistics (all data counts as `train`). Prefer real manifests.
+
+    With on_bad_sample == "skip" a shard that cannot be decoded is listed empty with its reason; the
+    stream then skips and counts it like any bad shard."""
     if not urls:
         raise DataError("no shard files matched")
     fmts = {sniff_format(u) if fmt == "auto" else fmt for u in urls}
@@ -62,7 +65,14 @@ def scan_shards(urls: list[str], fmt: str = "auto", storage_options: Optional[di
             data = _fs.read_bytes(u, storage_options, retries=retries)
         except FileNotFoundError:
             raise DataError(f"shard {u}: not found") from None
-        shard = decode(u, data, fmt)
+        try:
+            shard = decode(u, data, fmt)
+        except ShardError as e:
+            if on_bad_sample != "skip":
+                raise
+            entries.append({"url": u, "split": None, "samples": 0, "points": 0, "shapes": [], "bytes": len(data),
+                            "sha256": None, "bad": str(e)})
+            continue
         recs = [Series(i, a) for i, a in zip(shard.ids, shard.arrays)]
         for r in recs:
             if not hetero:
@@ -78,7 +88,8 @@ def scan_shards(urls: list[str], fmt: str = "auto", storage_options: Optional[di
 
 
 def resolve_manifest(source: str, *, fmt: str = "auto", cache_dir: str = "data/shards",
-                     storage_options: Optional[dict] = None, retries: int = 3, backoff: float = 0.2) -> dict:
+                     storage_options: Optional[dict] = None, retries: int = 3, backoff: float = 0.2,
+                     on_bad_sample: str = "error") -> dict:
     """data.source -> manifest: a manifest .json; a folder holding manifest.json; shard URL(s) or a glob
     (scanned); or a raw file (.csv/.pt/.npy/.npz/.tsv) converted under cache_dir on first use."""
     so = storage_options or {}
@@ -88,9 +99,9 @@ def resolve_manifest(source: str, *, fmt: str = "auto", cache_dir: str = "data/s
     if source.endswith(".json"):
         return load_manifest(source, so, retries, backoff)
     if _has_glob(source):
-        return scan_shards(_fs.glob(source, so), fmt, so, retries)
+        return scan_shards(_fs.glob(source, so), fmt, so, retries, on_bad_sample)
     if source.endswith((".parquet", ".pq", ".tar")):
-        return scan_shards([source], fmt, so, retries)
+        return scan_shards([source], fmt, so, retries, on_bad_sample)
     try:
         is_dir = _fs.filesystem(source, so)[0].isdir(_fs.filesystem(source, so)[1])
     except Exception as e:  # noqa: BLE001
@@ -100,7 +111,7 @@ def resolve_manifest(source: str, *, fmt: str = "auto", cache_dir: str = "data/s
         if _fs.exists(m_url, so):
             return load_manifest(m_url, so, retries, backoff)
         found = sorted(_fs.glob(source.rstrip("/") + "/*.parquet", so) + _fs.glob(source.rstrip("/") + "/*.tar", so))
-        return scan_shards(found, fmt, so, retries)
+        return scan_shards(found, fmt, so, retries, on_bad_sample)
     raise DataError(f"data.source {source}: not found (expected a manifest .json, a folder, shard URL/glob, "
                     f"or a .csv/.pt/.npy/.npz/.tsv file)")
 
@@ -231,8 +242,9 @@ class StreamLoader:
                 "batch_size": d.batch_size, "seq_len": d.seq_len, "stride": d.stride, "overlap": d.overlap,
                 "split": d.split, "channels": "independent" if d.independent else "multivariate",
                 "short_series": d.short_series, "seed": d.seed, "shuffle": d.plan.shuffle,
-                "shuffle_buffer": d.plan.shuffle_buffer, "infinite": d.infinite, "drop_last": d.drop_last,
-                "content_hash": d.manifest.get("content_hash")}
+                "shuffle_buffer": d.plan.shuffle_buffer, "shuffle_shards": d.plan.shuffle_shards,
+                "infinite": d.infinite, "drop_last": d.drop_last, "normalize": d.normalize,
+                "on_bad_sample": d.on_bad_sample, "content_hash": d.manifest.get("content_hash")}
 
     def state_dict(self) -> dict:
         """JSON-serialisable; restores the exact remaining sequence for the same layout."""
@@ -343,7 +355,8 @@ def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, 
     """
     cfg.validate()
     manifest = resolve_manifest(cfg.source, fmt=cfg.format, cache_dir=cfg.cache_dir,
-                                storage_options=cfg.storage_options, retries=cfg.retries, backoff=cfg.retry_backoff)
+                                storage_options=cfg.storage_options, retries=cfg.retries, backoff=cfg.retry_backoff,
+                                on_bad_sample=cfg.on_bad_sample)
     if cfg.format != "auto" and manifest["format"] != cfg.format:
         raise DataError(f"data.format is {cfg.format!r} but {manifest.get('_url') or cfg.source} holds "
                         f"{manifest['format']!r} shards")
@@ -351,6 +364,7 @@ def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, 
                      stride=cfg.window_stride, overlap=overlap, channels=cfg.channels,
                      short_series=cfg.short_series, normalize=cfg.normalize,
                      shuffle=cfg.shuffle if shuffle is None else shuffle, shuffle_buffer=cfg.shuffle_buffer,
+                     shuffle_shards=cfg.shuffle_shards,
                      infinite=cfg.infinite if infinite is None else infinite, rank=rank, world_size=world_size,
                      num_workers=cfg.num_workers, seed=seed, on_bad_sample=cfg.on_bad_sample,
                      retries=cfg.retries, backoff=cfg.retry_backoff, read_ahead=cfg.read_ahead,

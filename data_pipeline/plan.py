@@ -9,16 +9,17 @@ consumer reads every shard and keeps every n-th window of one global order (wind
 striding): still exactly once, at n-fold read cost, which only happens for small data sets.
 
 Order. Per epoch, a consumer's shards are shuffled (seed, epoch, consumer) and grouped into runs of
-consecutive shards holding >= `shuffle_buffer` windows; the windows of a group are visited in a
-keyed pseudo-random permutation. So the shuffle is exact within a group (a whole small data set
-such as ETTh1 is one group: a full shuffle), and a group costs its shards' memory.
+consecutive shards holding >= `shuffle_buffer` windows and >= `shuffle_shards` shards; the windows of
+a group are visited in a keyed pseudo-random permutation. So the shuffle is exact within a group (a
+whole small data set such as ETTh1 is one group: a full shuffle), batches mix several shards even
+when one shard holds millions of windows, and a group costs its shards' memory.
 
 Batches. Each consumer yields whole batches of its own windows. drop_last: a consumer yields
 floor(N_c / B) batches; then every rank is cut to T = the minimum over ranks of its consumers' batch
 counts (trimming its fullest workers first), so all ranks take exactly T steps per epoch. Shard
 assignment is fixed for the run, hence T (= len(loader)) is the same every epoch. The windows not
 yielded (per worker remainders + the cut) are the epoch's tail, reported as `tail_dropped`; the
-tail is different random windows each epoch.
+tail is different random windows each epoch when shuffling (the same windows without it).
 """
 from __future__ import annotations
 
@@ -74,12 +75,14 @@ class Sequence:
         self.shard_ids = np.asarray(ids, dtype=np.int64)
         totals = np.asarray([plan.shards[i].total for i in ids], dtype=np.int64)
         self.shard_cum = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)
-        # groups: runs of consecutive shards with >= shuffle_buffer windows (one shard each if no shuffle)
+        # groups: runs of consecutive shards with >= shuffle_buffer windows and >= shuffle_shards shards
+        # (one shard each if no shuffle)
         starts = [0]
         acc = 0
         for k, t in enumerate(totals):
             acc += int(t)
-            if (not plan.shuffle or acc >= plan.shuffle_buffer) and k + 1 < len(totals):
+            full = acc >= plan.shuffle_buffer and k + 1 - starts[-1] >= plan.shuffle_shards
+            if (not plan.shuffle or full) and k + 1 < len(totals):
                 starts.append(k + 1)
                 acc = 0
         self.group_first = np.asarray(starts, dtype=np.int64)  # first shard (sequence index) of each group
@@ -121,11 +124,11 @@ class Sequence:
 
 class Plan:
     def __init__(self, shards: list[ShardWindows], *, world_size: int, rank: int, workers: int, batch_size: int,
-                 seed: int, shuffle: bool, shuffle_buffer: int, drop_last: bool = True):
+                 seed: int, shuffle: bool, shuffle_buffer: int, drop_last: bool = True, shuffle_shards: int = 1):
         self.shards = [s for s in shards if s.total > 0]
         self.world_size, self.rank, self.workers = world_size, rank, workers
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.shuffle_buffer, self.shuffle_shards = max(1, shuffle_buffer), max(1, shuffle_shards)
         n = self.n_consumers = world_size * workers
         total = sum(s.total for s in self.shards)
         if total == 0:

@@ -144,6 +144,10 @@ def decode_parquet(url: str, data: bytes) -> ShardData:
             raise shard_error(url, f"wrong schema: column {name!r} is {got}, expected {tp}")
         if tp is None and not pa.types.is_integer(got):
             raise shard_error(url, f"wrong schema: column {name!r} is {got}, expected an integer")
+    for name in ("id", "n_channels", "length"):
+        nulls = table.column(name).null_count
+        if nulls:
+            raise shard_error(url, f"{nulls} row(s) with a null {name!r}")
     ids = table.column("id").to_pylist()
     n_ch = table.column("n_channels").to_numpy()
     lengths = table.column("length").to_numpy()

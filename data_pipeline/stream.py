@@ -76,7 +76,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, manifest: dict, *, seq_len: int, batch_size: int, split: str = "train", stride: int = 1,
                  overlap: Optional[int] = None, channels: str = "multivariate", short_series: str = "drop",
-                 normalize: bool = True, shuffle: bool = True, shuffle_buffer: int = 1024, infinite: bool = False,
+                 normalize: bool = True, shuffle: bool = True, shuffle_buffer: int = 1024, shuffle_shards: int = 4,
+                 infinite: bool = False,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  on_bad_sample: str = "error", retries: int = 3, backoff: float = 0.2, read_ahead: int = 2,
                  storage_options: Optional[dict] = None, drop_last: bool = True, verify: bool = True):
@@ -86,6 +87,10 @@ class ShardStream(IterableDataset):
             raise DataError(f"rank {rank} outside world_size {world_size}")
         if on_bad_sample not in ("error", "skip"):
             raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if channels not in ("multivariate", "independent"):
+            raise DataError(f"channels must be 'multivariate' or 'independent', got {channels!r}")
+        if short_series not in ("drop", "pad", "error"):
+            raise DataError(f"short_series must be 'drop', 'pad' or 'error', got {short_series!r}")
         self.manifest = manifest
         self.url = manifest.get("_url", "<manifest>")
         self.fmt = manifest["format"]
@@ -107,11 +112,12 @@ class ShardStream(IterableDataset):
         for i, entry in enumerate(manifest["shards"]):
             url = shard_url(manifest, entry)
             if entry["samples"] == 0 or not entry["shapes"]:
+                why = entry.get("bad") or f"shard {url}: empty shard (the manifest lists 0 series)"
                 if on_bad_sample == "skip":
                     self.plan_stats["bad_shards"] += 1
-                    log.warning("data: skipped bad input: shard %s: empty shard (the manifest lists 0 series)", url)
+                    log.warning("data: skipped bad input: %s", why)
                     continue
-                raise shard_error(url, "empty shard (the manifest lists 0 series)")
+                raise ShardError(why)
             sw = shard_windows(i, url, entry, split, seq_len, stride, self.overlap, self.independent, short_series)
             if sw is not None:
                 shards.append(sw)
@@ -143,7 +149,8 @@ class ShardStream(IterableDataset):
                 raise DataError(f"manifest {self.url}: statistics cover {len(self.mean)} channels but series "
                                 f"have {bad_c}; set data.normalize: false")
         self.plan = Plan(shards, world_size=world_size, rank=rank, workers=self.workers, batch_size=batch_size,
-                         seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last)
+                         seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
+                         shuffle_shards=shuffle_shards)
         if rank != 0:  # data-set-wide counts live on rank 0 only, so the trainer can sum stats over ranks
             self.plan_stats.clear()
         self.plan_stats["tail_dropped"] = self.plan.tail_dropped()
@@ -267,6 +274,11 @@ class ShardStream(IterableDataset):
             while True:
                 seq = self.plan.sequence(consumer, epoch)
                 cache.start(seq)
+                # Bad shards/series are counted when the consumer first takes a window of their group, so
+                # a resume (groups before `pos` are in the restored counters) or a wrap-around top-up
+                # (pos >= N re-reads groups) never counts them twice.
+                last = int(seq.locate(np.asarray([min(pos, seq.n) - 1]))[2][0]) if pos > 0 else -1
+                counted = set(range(last + 1))
                 quota, N = self.plan.quotas[consumer], seq.n
                 run = 0  # consecutive skipped positions: a whole lap without a window is an error
                 ahead: list = []  # windows located + sliced ahead of need (never past the quota's last position)
@@ -279,18 +291,27 @@ class ShardStream(IterableDataset):
                         if not ahead:
                             need = (quota - k) * B - len(wins) if self.drop_last else N - pos
                             ps = np.arange(pos, pos + max(1, min(need, 2048)), dtype=np.int64)
-                            ahead = cache.fetch(*seq.locate(ps % N))
+                            located = seq.locate(ps % N)
+                            ahead = list(zip(cache.fetch(*located), located[2].tolist()))
                             ahead.reverse()
-                        x = ahead.pop()
+                        x, grp = ahead.pop()
                         if pos >= N:
                             stats["resampled"] += x is not None
+                        elif grp not in counted:
+                            counted.add(grp)
+                            if cache.count_bad:
+                                n_shards, n_series, msgs = cache.group_bad.get(grp, (0, 0, []))
+                                stats["bad_shards"] += n_shards
+                                stats["bad_series"] += n_series
+                                bad_msgs.extend(msgs)
                         pos += 1
                         if x is None:
                             stats["skipped_bad"] += 1
                             run += 1
                             if run >= N:
+                                seen = [m for _, _, ms in cache.group_bad.values() for m in ms]
                                 raise DataError(f"consumer {consumer}: no valid window in a whole pass over "
-                                                f"its shards ({N} windows skipped as bad): " + "; ".join(bad_msgs[:3]))
+                                                f"its shards ({N} windows skipped as bad): " + "; ".join(seen[:3]))
                             continue
                         run = 0
                         wins.append(x)
@@ -339,10 +360,13 @@ class _Cache:
         self.futures: dict[int, Future] = {}
         self.ready: dict[int, Any] = {}
         self.group = -1
+        # group -> (bad shards, bad series, messages) of this epoch's order; the consumer counts them
+        self.group_bad: dict[int, tuple[int, int, list[str]]] = {}
 
     def start(self, seq: Sequence) -> None:
         self.seq, self.group = seq, -1
         self.ready.clear()
+        self.group_bad.clear()
 
     def close(self) -> None:
         self.futures.clear()
@@ -368,19 +392,16 @@ class _Cache:
         for sid in need:
             if sid not in self.ready:
                 res = self.futures.pop(sid).result()  # re-raises the loader's exception here, in order
-                if isinstance(res, _Bad):
-                    self.stats["bad_shards"] += self.count_bad
-                    self.bad_msgs.append(res.reason)
-                    log.debug("skipping %s", res.reason)  # reported by the loader in the main process
-                else:
+                if not isinstance(res, _Bad):  # I/O counters count every read, re-reads included
                     self.stats["shards_read"] += 1
                     self.stats["bytes_read"] += res.nbytes
                     self.stats["retries"] += res.retries
-                    self.stats["bad_series"] += len(res.bad) * self.count_bad
-                    for msg in res.bad.values():
-                        self.bad_msgs.append(msg)
-                        log.debug("skipping %s", msg)
                 self.ready[sid] = res
+        bad = [self.ready[sid] for sid in need if isinstance(self.ready[sid], _Bad)]
+        series = [m for sid in need if not isinstance(self.ready[sid], _Bad) for m in self.ready[sid].bad.values()]
+        for msg in [b.reason for b in bad] + series:
+            log.debug("skipping %s", msg)  # reported by the loader in the main process
+        self.group_bad[g] = (len(bad), len(series), [b.reason for b in bad] + series)
         self.group = g
 
     def keys(self, sids: np.ndarray, wis: np.ndarray) -> list[tuple[int, int, int, int]]:

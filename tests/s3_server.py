@@ -1,4 +1,4 @@
-"""A real S3 endpoint on loopback (moto's threaded server) for tests and the benchmark.
+"""A real S3 endpoint on loopback (moto server mode in its own process) for tests and the benchmark.
 
 No in-process mocking: s3fs/botocore talk HTTP to 127.0.0.1 exactly as they would to AWS or MinIO.
 Import the `s3` fixture into a test module: `from tests.s3_server import s3  # noqa: F401`.
@@ -84,5 +84,5 @@ def local_s3_server(process: bool = False) -> Iterator[dict]:
 
 @pytest.fixture(scope="session")
 def s3() -> Iterator[dict]:
-    with local_s3_server() as srv:
+    with local_s3_server(process=True) as srv:  # a separate server process, as a real endpoint
         yield srv

@@ -248,6 +248,24 @@ class FlakyFS(MemoryFileSystem):
             raise ConnectionResetError(104, "Connection reset by peer")
         return super().cat_file(path, *a, **kw)
 
+    def pipe_file(self, path, value, *a, **kw):
+        n = FlakyFS.seen.get(("w", path), 0)
+        FlakyFS.seen[("w", path)] = n + 1
+        if n < FlakyFS.fail:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().pipe_file(path, value, *a, **kw)
+
+
+def test_transient_write_errors_are_retried_with_a_bound():
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    FlakyFS.fail, FlakyFS.seen = 2, {}
+    m = write_series(identity_series(LENGTHS, 2), "flaky://flaky-out", "parquet", shard_samples=2, progress=False)
+    FlakyFS.fail = 0
+    assert len(list(loader(m["_url"]))) > 0  # every shard and the manifest arrived despite two resets each
+    FlakyFS.fail, FlakyFS.seen = 9, {}
+    with pytest.raises(OSError, match=r"write flaky://flaky-out2/.*: unreachable after 4 attempts"):
+        write_series(identity_series(LENGTHS, 2), "flaky://flaky-out2", "parquet", shard_samples=2, progress=False)
+
 
 def test_transient_errors_are_retried_with_a_bound():
     fsspec.register_implementation("flaky", FlakyFS, clobber=True)
@@ -260,3 +278,30 @@ def test_transient_errors_are_retried_with_a_bound():
     with pytest.raises(DataError, match=r"flaky://flaky-ds/manifest.json: unreachable after 4 attempts "
                                         r"\(ConnectionResetError"):
         loader("flaky://flaky-ds/manifest.json", retries=3, retry_backoff=0.001)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_corrupt_shard_skipped_and_counted_from_manifest_and_glob(tmp_path, fmt):
+    m = corpus(tmp_path, fmt)
+    p = shard_path(m, 1)
+    data = bytearray(p.read_bytes())
+    if fmt == "parquet":
+        data[-60:-10] = b"\xff" * 50
+    else:
+        data[512:560] = b"\xff" * 48
+    p.write_bytes(bytes(data))
+    ld = loader(m["_url"], on_bad_sample="skip")  # the manifest's checksum catches it
+    assert len(list(ld)) == len(ld) and ld.stats["bad_shards"] == 1
+    glob = str(p.parent / ("*.parquet" if fmt == "parquet" else "*.tar"))  # no manifest: shards scanned
+    with pytest.raises(ShardError, match=re.escape(str(p))):
+        loader(glob)
+    ld = loader(glob, on_bad_sample="skip")
+    assert len(list(ld)) == len(ld) and ld.stats["bad_shards"] == 1
+
+
+def test_null_shape_columns_name_the_shard(tmp_path):
+    t = pa.table({"id": ["a", "b"], "values": pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32())),
+                  "n_channels": pa.array([1, None], pa.int32()), "length": pa.array([2, 2], pa.int32())})
+    pq.write_table(t, tmp_path / "nulls.parquet")
+    with pytest.raises(ShardError, match=r"nulls.parquet: 1 row\(s\) with a null 'n_channels'"):
+        loader(str(tmp_path / "nulls.parquet"))

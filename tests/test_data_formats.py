@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pandas as pd
 import pytest
 import torch
@@ -176,10 +177,20 @@ def test_ucr_tsv_variable_length(tmp_path):
 def test_parquet_decode_is_zero_copy(tmp_path):
     m = write_series(identity_series([30, 40, 50], 2), str(tmp_path), "parquet", progress=False)
     shard = decode_parquet("s", (tmp_path / m["shards"][0]["url"]).read_bytes())
-    base = [a.base for a in shard.arrays]
-    # views of one Arrow buffer (read-only, not owning), not per-series copies
-    assert all(not a.flags.owndata and not a.flags.writeable for a in shard.arrays)
-    assert np.shares_memory(shard.arrays[0].base, shard.arrays[2].base) or base[0] is not None
+    # views of one Arrow buffer (read-only, not owning), not per-series copies: every array's base
+    # chain ends at the same pyarrow FloatArray (the column's child buffer) and its data lies inside it
+    roots = []
+    for a in shard.arrays:
+        assert not a.flags.owndata and not a.flags.writeable
+        b = a
+        while isinstance(b, np.ndarray):
+            b = b.base
+        roots.append(b)
+    assert all(r is roots[0] for r in roots) and isinstance(roots[0], pa.FloatArray)
+    buf = roots[0].buffers()[1]
+    for a in shard.arrays:
+        start = a.__array_interface__["data"][0]
+        assert buf.address <= start and start + a.nbytes <= buf.address + buf.size
     np.testing.assert_array_equal(shard.arrays[1], identity_series([30, 40, 50], 2)[1].values)
 
 

@@ -96,12 +96,34 @@ def test_resume_with_skipped_bad_series(tmp_path):
     url = write_series(recs, str(tmp_path), "parquet", shard_samples=3, allow_nonfinite=True,
                        progress=False)["_url"]
     kw = dict(on_bad_sample="skip", normalize=False)
-    full = list(make(url, 0, 1, 2, **kw))
-    for k in (2, len(full) - 2):
+    straight = make(url, 0, 1, 2, **kw)
+    full = list(straight)
+    assert straight.stats["bad_series"] == 2
+    for k in (1, 2, len(full) // 2, len(full) - 2, len(full)):
         first, sd = take(make(url, 0, 1, 2, **kw), k)
         ld = make(url, 0, 1, 2, **kw)
         ld.load_state_dict(sd)
         assert same(first + list(ld), full)
+        # each bad series counted once, wherever the cut fell and however often its shard was re-read
+        assert ld.stats["bad_series"] == 2 and ld.stats["skipped_bad"] == straight.stats["skipped_bad"], k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_counts_survive_wrap_around_and_resume(tmp_path, workers):
+    """A missing shard skipped (shuffle_buffer=1: one group per shard, re-read by the quota top-up):
+    counted once per epoch in a straight run and in every resumed one."""
+    url = write_series(identity_series(LENGTHS, 2), str(tmp_path), "parquet", shard_samples=3, progress=False)["_url"]
+    (tmp_path / "data-00002.parquet").unlink()
+    kw = dict(on_bad_sample="skip", normalize=False, shuffle_buffer=1, shuffle_shards=1, verify_checksums=False)
+    straight = make(url, 0, 1, workers, **kw)
+    full = list(straight)
+    assert straight.stats["bad_shards"] == 1 and straight.stats["resampled"] > 0
+    for k in range(0, len(full) + 1, 3):
+        first, sd = take(make(url, 0, 1, workers, **kw), k)
+        ld = make(url, 0, 1, workers, **kw)
+        ld.load_state_dict(sd)
+        assert same(first + list(ld), full), k
+        assert ld.stats["bad_shards"] == 1, k
 
 
 def test_state_from_another_layout_is_refused(corpus):

@@ -124,8 +124,19 @@ def test_shuffle_is_seeded_per_epoch_and_a_permutation(many):
 def test_shuffle_mixes_whole_small_dataset_in_one_group(many):
     ds = stream(many, shuffle_buffer=10**9)
     assert ds.plan.sequence(0, 0).n_groups == 1
-    ds_small = stream(many, shuffle_buffer=1)
+    ds_small = stream(many, shuffle_buffer=1, shuffle_shards=1)
     assert ds_small.plan.sequence(0, 0).n_groups == len(ds_small.plan.shards)
+
+
+def test_groups_span_several_shards_even_when_one_exceeds_the_buffer(many):
+    """With shards larger than the buffer, a group still takes `shuffle_shards` shards, so the first
+    batch already mixes series from several shards (large corpora: several source data sets)."""
+    ds = stream(many, shuffle_buffer=1, shuffle_shards=4)
+    seq = ds.plan.sequence(0, 0)
+    sizes = [len(seq.group_shards(g)) for g in range(seq.n_groups)]
+    assert sizes[:-1] == [4] * (len(sizes) - 1) and 1 <= sizes[-1] <= 4 and sum(sizes) == 10
+    first = [k for k, _ in zip((key for key, _ in ds.iter_windows()), range(32))]
+    assert len({shard for shard, *_ in first}) >= 3  # 32 windows from at least 3 of the group's 4 shards
 
 
 def test_independent_channels_and_stride(tmp_path):

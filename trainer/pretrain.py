@@ -61,10 +61,12 @@ def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
 
 
 def resolve_paths(cfg: Config) -> None:
-    """Repo-relative defaults (data/ETTh1.csv) work from any working directory."""
+    """Repo-relative defaults (data/ETTh1.csv, the data/shards cache) work from any working directory."""
     src = Path(cfg.data.source)
     if "://" not in cfg.data.source and not src.is_absolute() and not src.exists() and (REPO_ROOT / src).exists():
         cfg.data.source = str(REPO_ROOT / src)
+    if "://" not in cfg.data.cache_dir and not Path(cfg.data.cache_dir).is_absolute():
+        cfg.data.cache_dir = str(REPO_ROOT / cfg.data.cache_dir)
 
 
 def train(cfg: Config) -> dict:
