@@ -211,7 +211,7 @@ def _parse_options(items: Sequence[str]) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", nargs="+", help="input files: .csv, .pt, .npy, .npz, .tsv (local or fsspec URLs)")
+    p.add_argument("inputs", nargs="+", help="input files: .csv, .pt, .npy, .npz, .tsv, .ts (local or fsspec URLs)")
     p.add_argument("--out", required=True, help="output folder URL (local path, s3://bucket/prefix, memory://...)")
     p.add_argument("--format", default="parquet", choices=FORMATS)
     p.add_argument("--name", default=None, help="data set name (default: from the first input)")

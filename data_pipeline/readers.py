@@ -18,7 +18,7 @@ from .errors import DataError
 from .shards import Series
 
 SPLITS = ("train", "val", "test")
-RAW_SUFFIXES = (".csv", ".pt", ".pth", ".npy", ".npz", ".tsv")
+RAW_SUFFIXES = (".csv", ".pt", ".pth", ".npy", ".npz", ".tsv", ".ts")
 
 
 @dataclass
@@ -227,6 +227,57 @@ def read_tsv(path: str, data: bytes) -> RawInput:
     return RawInput(path, ds, series, split=split_from_name(path), raw=data)
 
 
+def read_ts(path: str, data: bytes) -> RawInput:
+    """UEA/UCR `.ts` (sktime format): `@header` lines, then `@data` rows of `dim1:dim2:...:label`, each
+    dimension comma-separated, `?` missing. Labels are indices into the `@classLabel true ...` list, so
+    a set's TRAIN and TEST files agree on them. Ragged rows are NaN-padded, then all-NaN tails trimmed."""
+    header: dict[str, list[str]] = {}
+    rows: list[tuple[int, str]] = []
+    in_data = False
+    for n, ln in enumerate(data.decode().splitlines(), 1):
+        s = ln.strip()
+        if not s or s.startswith("#"):
+            continue
+        if in_data:
+            rows.append((n, s))
+        elif s.lower().startswith("@data"):
+            in_data = True
+        elif s.startswith("@"):
+            key, *rest = s[1:].split()
+            header[key.lower()] = rest
+        else:
+            raise DataError(f"{path}: line {n}: expected an @header line or @data before the values")
+    if not rows:
+        raise DataError(f"{path}: no @data rows")
+    if header.get("timestamps", ["false"])[0].lower() == "true":
+        raise DataError(f"{path}: time-stamped .ts files are not supported (export equally spaced values)")
+    labelled = header.get("classlabel", ["false"])[0].lower() == "true"
+    classes = header.get("classlabel", [])[1:] if labelled else []
+    name = stem(path)
+    ds = re.sub(r"_(TRAIN|TEST)$", "", name, flags=re.I)
+    series = []
+    for i, (n, s) in enumerate(rows):
+        parts = s.split(":")
+        label = None
+        if labelled:
+            raw = parts.pop().strip()
+            if raw not in classes:
+                raise DataError(f"{path}: line {n}: class {raw!r} is not in @classLabel {classes}")
+            label = classes.index(raw)
+        try:
+            dims = [np.array([np.nan if v.strip() == "?" else float(v) for v in p.split(",")]) for p in parts]
+        except ValueError as e:
+            raise DataError(f"{path}: line {n}: {e}") from None
+        t = max(len(d) for d in dims)
+        arr = np.full((len(dims), t), np.nan)
+        for c, d in enumerate(dims):
+            arr[c, :len(d)] = d
+        keep = np.flatnonzero(~np.isnan(arr).all(axis=0))
+        arr = arr[:, : keep[-1] + 1] if keep.size else arr[:, :0]
+        series.append(Series(f"{name}/{i}", arr, source=ds, label=label))
+    return RawInput(path, ds, series, split=split_from_name(path), raw=data)
+
+
 def read_input(path: str, storage_options: Optional[dict] = None, borders: str = "auto",
                layout: str = "auto", retries: int = 3) -> RawInput:
     low = path.lower()
@@ -242,6 +293,8 @@ def read_input(path: str, storage_options: Optional[dict] = None, borders: str =
         return read_numpy(path, data, layout)
     if low.endswith(".tsv"):
         return read_tsv(path, data)
+    if low.endswith(".ts"):
+        return read_ts(path, data)
     raise DataError(f"{path}: unsupported input type (known: {', '.join(RAW_SUFFIXES)})")
 
 

@@ -16,7 +16,8 @@ import torch
 
 from data_pipeline import (DataConfig, ShardStream, build_loader, convert_csv, convert_numpy, convert_pt,
                            convert_tsv, load_manifest, load_split_array, write_series)
-from data_pipeline.convert import main as convert_main
+from data_pipeline.convert import convert, main as convert_main
+from data_pipeline.errors import DataError
 from data_pipeline.shards import decode, decode_parquet
 from data_pipeline.testing import identity_series
 
@@ -234,3 +235,34 @@ def test_cli_converts_to_memory_and_local(tmp_path, capsys):
     bad = subprocess.run([sys.executable, "-m", "data_pipeline.convert", str(tmp_path / "nope.csv"), "--out",
                           str(out)], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.csv: input file not found" in bad.stderr
+
+
+UEA_TS = """# a two-dimensional UEA-style set
+@problemName Toy
+@timeStamps false
+@missing false
+@univariate false
+@dimensions 2
+@equalLength true
+@seriesLength 4
+@classLabel true walk run
+@data
+1,2,3,4:5,6,7,8:run
+0.5,0.25,?,1:1,1,1,1:walk
+"""
+
+
+def test_uea_ts_reader_and_roundtrip(tmp_path):
+    (tmp_path / "Toy_TRAIN.ts").write_text(UEA_TS)
+    from data_pipeline.readers import read_input
+
+    raw = read_input(str(tmp_path / "Toy_TRAIN.ts"))
+    assert raw.split == "train" and raw.name == "Toy" and [s.label for s in raw.series] == [1, 0]
+    np.testing.assert_array_equal(raw.series[0].values, [[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert np.isnan(raw.series[1].values[0, 2]) and raw.series[1].values.shape == (2, 4)
+    bad = tmp_path / "Bad_TRAIN.ts"
+    bad.write_text(UEA_TS.replace(":walk", ":jump"))
+    with pytest.raises(DataError, match=r"Bad_TRAIN.ts: line 12: class 'jump' is not in @classLabel"):
+        read_input(str(bad))
+    m = convert(str(tmp_path / "Toy_TRAIN.ts"), str(tmp_path / "shards"), progress=False, allow_nonfinite=True)
+    assert m["samples"] == 2 and m["n_channels"] == 2

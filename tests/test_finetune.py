@@ -123,3 +123,29 @@ def test_linear_probe_leaves_encoder_unchanged():
     torch.manual_seed(2024)
     full = _fit(_synthetic(2, 16), "train.epochs=1")["_model"]
     assert not all(torch.equal(full.encoder.state_dict()[k], ref[k]) for k in ref)
+
+
+def _ucr_uea(tmp_path):
+    """Tiny UCR (.tsv, univariate) and UEA (.ts, 2 channels, string classes) sets, 48 points."""
+    rng = np.random.default_rng(0)
+    ucr, uea = tmp_path / "ucr", tmp_path / "uea"
+    ucr.mkdir()
+    uea.mkdir()
+    for split, n in (("TRAIN", 24), ("TEST", 12)):
+        y = np.arange(n) % 2
+        x = rng.normal(size=(n, 48)) + y[:, None] * np.sin(np.arange(48) / 3)
+        np.savetxt(ucr / f"Toy_{split}.tsv", np.column_stack([y + 1, x]), delimiter="\t")
+        rows = [":".join(",".join(f"{v:.5f}" for v in x[i] * s) for s in (1, -1)) + (":up" if y[i] else ":down")
+                for i in range(n)]
+        (uea / f"Toy_{split}.ts").write_text("@problemName Toy\n@timeStamps false\n@univariate false\n"
+                                             "@classLabel true down up\n@data\n" + "\n".join(rows) + "\n")
+    return ucr, uea
+
+
+def test_classify_ucr_tsv_and_uea_ts_folders(tmp_path):
+    ucr, uea = _ucr_uea(tmp_path)
+    arch = ["model.seq_len=48", "model.d_model=8", "model.n_heads=2", "model.e_layers=1", "model.d_ff=16"]
+    for root, channels in ((ucr, 1), (uea, 2)):
+        r = finetune(cfg_of("init=random", "task.kind=classify", f"data.source={root}", *arch, *TINY_FT))
+        assert r["num_classes"] == 2 and r["n_test"] == 12 and r["n_train"] + r["n_val"] == 24, r
+        assert 0.0 <= r["accuracy"] <= 1.0

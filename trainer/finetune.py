@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from data_pipeline import build_loader, load_split_array
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
+from data_pipeline.readers import read_input
 from models import Encoder
 from models.config import SimMTMConfig
 from models.heads import Classifier, Forecaster
@@ -157,12 +158,20 @@ def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(d["labels"]).long().view(-1)
 
 
-def _load_tsv(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """UCR `label<TAB>values...`; labels remapped later; NaN tails (variable length) are refused."""
-    a = np.loadtxt(path, delimiter="\t", dtype=np.float64, ndmin=2)
-    if not np.isfinite(a[:, 1:]).all():
-        raise DataError(f"{path}: variable-length/NaN series are not supported for fine-tuning")
-    return torch.from_numpy(a[:, 1:]).float()[:, None], torch.from_numpy(a[:, 0])
+def _load_archive(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """UCR `.tsv` or UEA `.ts` (the pre-training readers): [N, C, L] and labels (remapped later);
+    ragged, NaN-holding or unlabelled sets are refused, naming the file."""
+    raw = read_input(str(path))
+    shapes = {s.values.shape for s in raw.series}
+    if len(shapes) != 1:
+        raise DataError(f"{path}: series of different shapes {sorted(shapes)[:4]}: fine-tuning needs equal "
+                        f"channels and length (resample the set first)")
+    if any(s.label is None for s in raw.series):
+        raise DataError(f"{path}: unlabelled series")
+    x = np.stack([s.values for s in raw.series])
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: NaN/missing values are not supported for fine-tuning")
+    return torch.from_numpy(x).float(), torch.tensor([s.label for s in raw.series])
 
 
 def _carve_val(x: torch.Tensor, y: torch.Tensor, frac: float, seed: int):
@@ -180,10 +189,10 @@ def _carve_val(x: torch.Tensor, y: torch.Tensor, frac: float, seed: int):
 
 def classify_data(cfg: FinetuneConfig) -> dict[str, Split]:
     """TF-C `.pt` folders (test := val.pt when no test.pt ships, e.g. Epilepsy, then val is carved
-    from train) or UCR `*_TRAIN.tsv` / `*_TEST.tsv` folders (val carved from train)."""
+    from train) or UCR `*_TRAIN.tsv` / UEA `*_TRAIN.ts` + `*_TEST` folders (val carved from train)."""
     root = Path(_resolve(cfg.data.source))
     if not root.is_dir():
-        raise DataError(f"data.source {root}: classification expects a folder of TF-C .pt or UCR .tsv files")
+        raise DataError(f"data.source {root}: classification expects a folder of TF-C .pt, UCR .tsv or UEA .ts files")
     seed = cfg.train.seed
     if (root / "train.pt").exists():
         tr = _load_pt(root / "train.pt")
@@ -195,10 +204,12 @@ def classify_data(cfg: FinetuneConfig) -> dict[str, Split]:
         else:
             raise DataError(f"{root}: train.pt without test.pt or val.pt")
     else:
-        trains, tests = sorted(root.glob("*_TRAIN.tsv")), sorted(root.glob("*_TEST.tsv"))
+        ext = ".tsv" if list(root.glob("*_TRAIN.tsv")) else ".ts"
+        trains, tests = sorted(root.glob(f"*_TRAIN{ext}")), sorted(root.glob(f"*_TEST{ext}"))
         if len(trains) != 1 or len(tests) != 1:
-            raise DataError(f"{root}: expected train.pt (TF-C) or one NAME_TRAIN.tsv + NAME_TEST.tsv (UCR)")
-        tr, te, va = _load_tsv(trains[0]), _load_tsv(tests[0]), None
+            raise DataError(f"{root}: expected train.pt (TF-C), or one NAME_TRAIN.tsv + NAME_TEST.tsv (UCR), "
+                            f"or one NAME_TRAIN.ts + NAME_TEST.ts (UEA)")
+        tr, te, va = _load_archive(trains[0]), _load_archive(tests[0]), None
         classes = np.unique(np.concatenate([tr[1].numpy(), te[1].numpy()]))
         remap = {c: i for i, c in enumerate(classes)}
         tr = (tr[0], torch.tensor([remap[c] for c in tr[1].numpy()]))
@@ -293,8 +304,10 @@ def evaluate(model: torch.nn.Module, split: Split, kind: str, batch_size: int, e
 
 
 def _score(kind: str, m: dict) -> tuple:
-    """Lower is better: validation MSE, or (-accuracy, cross-entropy) for classification."""
-    return (m["mse"],) if kind == "forecast" else (-m["accuracy"], m["loss"])
+    """Lower is better: validation MSE, or (-accuracy, cross-entropy) for classification; NaN (a
+    diverged epoch) ranks last, so a later finite epoch can still be selected."""
+    score = (m["mse"],) if kind == "forecast" else (-m["accuracy"], m["loss"])
+    return tuple(math.inf if v != v else v for v in score)
 
 
 def _set_train_mode(model: torch.nn.Module, mode: str) -> None:
@@ -307,6 +320,8 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
     """Train with validation-only selection, evaluate the selected weights once on test; the result
     dict (same on every rank) has the metrics, timings, history and the selected epoch."""
     cfg.task.validate()
+    if cfg.train.epochs < 1:
+        raise ValueError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     world = dist.discover().world_size
     cfg.dist.deepspeed = cfg.dist.deepspeed or world > 1
     env = dist.setup(cfg.dist.backend, use_deepspeed=cfg.dist.deepspeed)
@@ -321,7 +336,16 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
             data = forecast_data(cfg, seq_len)
         else:
             data = classify_data(cfg)
-    num_classes = int(max(int(s.y.max()) for s in data.values()) + 1) if kind == "classify" else 0
+    num_classes = 0
+    if kind == "classify":  # classes are those seen in training and validation; test labels must be among them
+        classes = np.unique(np.concatenate([data["train"].y.numpy(), data["val"].y.numpy()]))
+        unseen = sorted(set(np.unique(data["test"].y.numpy())) - set(classes))
+        if unseen:
+            raise DataError(f"{cfg.data.source}: test labels {unseen} never occur in train/val")
+        lookup = {int(c): i for i, c in enumerate(classes)}  # any integer labels -> 0..K-1
+        data = {k: Split(v.x, torch.tensor([lookup[int(c)] for c in v.y.numpy()], dtype=torch.long))
+                for k, v in data.items()}
+        num_classes = len(classes)
     model, arch = build_model(cfg, num_classes)
     if kind == "classify":
         data = {k: fit_length(v, arch.seq_len, cfg.task.fit_length, f"{cfg.data.source} {k}")
@@ -396,6 +420,9 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
         "engine": "deepspeed" if cfg.dist.deepspeed else "torch", "history": history,
         "seq_len": arch.seq_len, "num_classes": num_classes or None,
     }
+    for k in ("mse", "mae", "accuracy", "macro_f1", "auroc"):  # e.g. AUROC of a one-class test set: null, not NaN
+        if isinstance(result[k], float) and result[k] != result[k]:
+            result[k] = None
     if env.is_main:
         metrics = {k: result[k] for k in ("mse", "mae", "accuracy", "macro_f1", "auroc") if result[k] is not None}
         log(f"  test ({result['n_test']} items, epoch {best_epoch} weights): "
