@@ -36,6 +36,17 @@ def shard_path(m: dict, i: int) -> Path:
     return Path(m["_url"]).parent / m["shards"][i]["url"]
 
 
+def corrupt(p: Path, fmt: str) -> Path:
+    """Overwrite bytes in place (same size: only the checksum or the decoder can tell)."""
+    data = bytearray(p.read_bytes())
+    if fmt == "parquet":
+        data[-60:-10] = b"\xff" * 50  # the footer (schema + row-group metadata)
+    else:
+        data[512:560] = b"\xff" * 48  # the first member: the .npy header
+    p.write_bytes(bytes(data))
+    return p
+
+
 def rewrite_manifest(m: dict, **changes) -> str:
     body = {k: v for k, v in m.items() if not k.startswith("_")}
     body.update(changes)
@@ -46,13 +57,7 @@ def rewrite_manifest(m: dict, **changes) -> str:
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
 def test_corrupt_shard_names_the_shard(tmp_path, fmt):
     m = corpus(tmp_path, fmt)
-    p = shard_path(m, 1)
-    data = bytearray(p.read_bytes())
-    if fmt == "parquet":
-        data[-60:-10] = b"\xff" * 50  # the footer (schema + row-group metadata)
-    else:
-        data[512:560] = b"\xff" * 48  # the first member: the .npy header
-    p.write_bytes(bytes(data))  # same size: only the checksum or the decoder can tell
+    p = corrupt(shard_path(m, 1), fmt)
     with pytest.raises(ShardError, match=re.escape(str(p)) + r": corrupt or modified: content does not match"):
         list(loader(m["_url"]))
     msg = r"corrupt or truncated Parquet file" if fmt == "parquet" else r"000000002.npy: not a valid .npy"
@@ -283,13 +288,7 @@ def test_transient_errors_are_retried_with_a_bound():
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
 def test_corrupt_shard_skipped_and_counted_from_manifest_and_glob(tmp_path, fmt):
     m = corpus(tmp_path, fmt)
-    p = shard_path(m, 1)
-    data = bytearray(p.read_bytes())
-    if fmt == "parquet":
-        data[-60:-10] = b"\xff" * 50
-    else:
-        data[512:560] = b"\xff" * 48
-    p.write_bytes(bytes(data))
+    p = corrupt(shard_path(m, 1), fmt)
     ld = loader(m["_url"], on_bad_sample="skip")  # the manifest's checksum catches it
     assert len(list(ld)) == len(ld) and ld.stats["bad_shards"] == 1
     glob = str(p.parent / ("*.parquet" if fmt == "parquet" else "*.tar"))  # no manifest: shards scanned
