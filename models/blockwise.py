@@ -93,7 +93,8 @@ class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qn, kn, values, self_index, temperature, block, dtype):
         work = qn.dtype
-        smm, amm = _mm_dtype(work, dtype), (values.dtype if dtype == torch.float32 else dtype)
+        smm = _mm_dtype(work, dtype)
+        amm = torch.promote_types(values.dtype, torch.float32) if dtype == torch.float32 else dtype
         qmm, kmm, vmm = qn.to(smm), kn.to(smm), values.to(amm)
         nq = qn.shape[0]
         out = values.new_empty(nq, values.shape[1])

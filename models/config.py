@@ -41,6 +41,11 @@ class SimMTMConfig:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.mask_lm < 1.0:
             raise ValueError(f"mask_lm must be >= 1, got {self.mask_lm}")
+        if self.mask == "geometric" and self.mask_lm * (1 - self.mask_ratio) / self.mask_ratio < 1.0 - 1e-9:
+            # kept stretches have mean lm*(1-r)/r and length >= 1: below 1 the masked fraction cannot reach r
+            raise ValueError(f"geometric masks need mask_lm * (1 - mask_ratio) / mask_ratio >= 1 (mean kept "
+                             f"stretch), got {self.mask_lm * (1 - self.mask_ratio) / self.mask_ratio:.3f}: raise "
+                             f"mask_lm to >= {self.mask_ratio / (1 - self.mask_ratio):.3f} or lower mask_ratio")
         if self.num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {self.num_views}")
         if self.temperature <= 0:

@@ -49,7 +49,8 @@ class Forecaster(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, length = x.shape
         xn, mean, std = instance_norm(x.reshape(b * c, length).float())
-        y = self.head(self.encoder(xn)) * std + mean
+        dtype = self.encoder.embed.weight.dtype  # bf16/fp16 under DeepSpeed; statistics stay fp32
+        y = self.head(self.encoder(xn.to(dtype))).float() * std + mean
         return y.view(b, c, -1)
 
 
@@ -64,4 +65,4 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, length = x.shape
         xn, _, _ = instance_norm(x.reshape(b * c, length).float())
-        return self.head(self.encoder(xn), c)
+        return self.head(self.encoder(xn.to(self.encoder.embed.weight.dtype)), c).float()

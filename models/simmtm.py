@@ -127,9 +127,8 @@ def mask_self(logits: torch.Tensor, self_index: torch.Tensor) -> torch.Tensor:
 def aggregate(logits: torch.Tensor, values: torch.Tensor, dtype: torch.dtype = torch.float32):
     """w = softmax over j != i (fp32; self already at -inf), z' = w @ values (matmul in `dtype`)."""
     w = torch.softmax(logits, dim=-1)
-    if dtype == torch.float32:
-        return w.to(values.dtype) @ values, w
-    return (w.to(dtype) @ values.to(dtype)).to(values.dtype), w
+    mm = torch.promote_types(values.dtype, torch.float32) if dtype == torch.float32 else dtype
+    return (w.to(mm) @ values.to(mm)).to(values.dtype), w
 
 
 def positive_index(n_rows: int, n0: int, num_views: int, offset: int, device) -> torch.Tensor:
@@ -182,6 +181,8 @@ class SimMTM(nn.Module):
         s = self.projector(z, gather.reduce)  # [N, h]
         n = s.shape[0]
         dtype = _DTYPES[cfg.similarity_dtype]
+        if dtype == torch.float32:  # similarity asked for in fp32: gather and compare fp32 representations
+            s = s.float()
 
         offset = gather.rank * n
         keys = gather.fn(s) if gather.world_size > 1 else s

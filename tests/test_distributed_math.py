@@ -94,6 +94,11 @@ def test_gathered_constraint_with_local_aggregation(tmp_path):
 def test_slurm_nodelist_expansion_and_discovery():
     assert D.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     assert D.expand_nodelist("node7") == ["node7"]
+    assert D.expand_nodelist("rack[1-2]-n[01-02],x") == ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02", "x"]
+    # a job step on a subset of the allocation (srun --nodelist): the step's first node and task count
+    env = D.discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "8",
+                      "SLURM_JOB_NODELIST": "n[10-11]", "SLURM_STEP_NODELIST": "n11", "SLURM_JOB_ID": "1"})
+    assert (env.world_size, env.master_addr) == (8, "n11")
     env = D.discover({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                       "SLURM_JOB_NODELIST": "n[10-11]", "SLURM_JOB_ID": "4242"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (3, 8, 1, "n10", "slurm")

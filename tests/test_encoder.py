@@ -71,3 +71,17 @@ def test_task_heads_on_encoder():
     y[0, 1] += 5.0
     f.eval()
     assert torch.allclose(f(x)[0, 0], f(y)[0, 0], atol=1e-6)
+
+
+def test_task_heads_run_a_bf16_encoder():
+    """Under DeepSpeed bf16 the encoder's weights are bf16; the heads feed it bf16 and return fp32."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 48)
+    f = Forecaster(Encoder(cfg(dropout=0.0)), horizon=12).eval()
+    ref = f(x)
+    f16 = f.to(torch.bfloat16)
+    out = f16(x)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 12)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()  # bf16 rounding, not garbage
+    c = Classifier(Encoder(cfg()), num_classes=4).to(torch.bfloat16)
+    assert c(x).dtype == torch.float32

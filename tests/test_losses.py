@@ -214,3 +214,23 @@ def test_details_on_blockwise_path_gives_monitoring_weights():
     w = out["weights"]
     assert w.shape[0] == 4 and torch.allclose(w.sum(1), torch.ones(4), atol=1e-6)
     assert torch.all(w[torch.arange(4), torch.arange(4)] == 0)
+
+
+def test_fp32_similarity_keeps_bf16_values_out_of_the_aggregation_matmul():
+    """similarity_dtype fp32 on a bf16 model: weights x values in fp32 (result rounded once to bf16)."""
+    from models.blockwise import similarity_and_losses
+
+    torch.manual_seed(4)
+    n, h, dv = 24, 8, 64
+    s, values = torch.randn(n, h), torch.randn(n, dv).to(torch.bfloat16)
+    idx = torch.arange(n)
+    pos = positive_index(n, n // 4, 3, 0, "cpu")
+    for dense in (None, 0):  # the dense path and the blockwise one
+        _, z, _ = similarity_and_losses(s, s, values, idx, pos, 0.2, n, dtype=torch.float32, dense_bytes=dense)
+        w = torch.softmax(mask_self(similarity_logits(s, s, 0.2), idx), -1)
+        ref = w @ values.float()  # fp32 weights x fp32 copies of the values, rounded once to bf16 below
+        assert z.dtype == torch.bfloat16
+        if dense is None:
+            assert torch.equal(z, ref.to(torch.bfloat16))
+        else:  # blockwise softmax differs from torch.softmax in the last fp32 bits: at most one bf16 ulp apart
+            assert ((z.float() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-6).all()

@@ -37,23 +37,27 @@ class DistEnv:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand Slurm's compressed host lists: 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1."""
-    hosts = []
-    parts = re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist)
-    for part in parts:
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-", 1)
-                width = len(lo)
-                hosts.extend(f"{prefix}{k:0{width}d}{suffix}" for k in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
+    """Expand Slurm's compressed host lists, as `scontrol show hostnames` does:
+    'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1; 'rack[1-2]-n[1-2]' -> rack1-n1 rack1-n2 ..."""
+    hosts: list[str] = []
+    for part in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):  # split on commas outside brackets
+        hosts.extend(_expand_host(part))
     return hosts
+
+
+def _expand_host(part: str) -> list[str]:
+    m = re.match(r"([^\[]*)\[([^\]]*)\](.*)", part)
+    if not m:
+        return [part]
+    prefix, ranges, rest = m.groups()
+    heads = []
+    for r in ranges.split(","):
+        if "-" in r:
+            lo, hi = r.split("-", 1)
+            heads.extend(f"{prefix}{k:0{len(lo)}d}" for k in range(int(lo), int(hi) + 1))
+        else:
+            heads.append(f"{prefix}{r}")
+    return [h + tail for h in heads for tail in _expand_host(rest)]  # later bracket groups vary fastest
 
 
 def _free_port() -> int:
@@ -70,11 +74,15 @@ def discover(environ: Optional[dict] = None) -> DistEnv:
         launcher = "deepspeed" if "CROSS_RANK" in e or "DS_ACCELERATOR" in e or "PDSH_RCMD_TYPE" in e else "torchrun"
         return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
                        e.get("MASTER_ADDR", "127.0.0.1"), port or 29500, launcher)
-    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
-        hosts = expand_nodelist(e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST") or "127.0.0.1")
+    if "SLURM_PROCID" in e and ("SLURM_STEP_NUM_TASKS" in e or "SLURM_NTASKS" in e):
+        # The job step's nodes and tasks first: `srun --nodelist`/`-n` (e.g. DeepSpeed's Slurm launcher
+        # with --include/--exclude) may run on a subset of the allocation, whose first node may hold no task.
+        nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST")
+        hosts = expand_nodelist(nodelist or "127.0.0.1")
+        world = int(e.get("SLURM_STEP_NUM_TASKS") or e["SLURM_NTASKS"])
         # A port every task derives alike from the job id, unless the batch script chose one.
         job = int(e.get("SLURM_JOB_ID", "0") or 0)
-        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
+        return DistEnv(int(e["SLURM_PROCID"]), world, int(e.get("SLURM_LOCALID", 0)),
                        e.get("MASTER_ADDR") or hosts[0], port or 20000 + job % 20000, "slurm")
     if "OMPI_COMM_WORLD_RANK" in e or "PMI_RANK" in e:
         rank = int(e.get("OMPI_COMM_WORLD_RANK", e.get("PMI_RANK", 0)))
@@ -131,6 +139,7 @@ class _AllGather(torch.autograd.Function):
             out = torch.empty_like(grad[: ctx.n])
             dist.reduce_scatter_tensor(out, grad)
             return out
+        grad = grad.clone()  # never reduce into the buffer autograd handed us
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
@@ -169,17 +178,29 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _comm_device() -> torch.device:
+    """Where collectives on plain tensors must live: NCCL only reduces CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a (small, e.g. metric) tensor on any device; returned on the input's device."""
     if world()[1] == 1:
         return t
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / world()[1]
+    buf = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(buf)
+    return (buf / world()[1]).to(t.device)
 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks, for a tensor on any device (staged through the backend's device)."""
     if world()[1] > 1:
-        dist.all_reduce(t)
+        buf = t.to(_comm_device())
+        dist.all_reduce(buf)
+        if buf is not t:
+            t.copy_(buf)
     return t
 
 
