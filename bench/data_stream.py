@@ -13,7 +13,6 @@ Best of `--repeats` runs (the machine is shared). Writes bench/results/data_stre
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.results_io import write_result  # noqa: E402
 from data_pipeline import DataConfig, build_loader, convert  # noqa: E402
 
 CSV = {"ETTh1": REPO / "data" / "ETTh1.csv",
@@ -131,8 +131,7 @@ def main() -> None:
                     print(f"{name:6s} {src:14s} workers={workers}  {rec['windows_per_s']:>11,.0f} windows/s  "
                           f"{rec['points_per_s'] / 1e6:>8.1f} M points/s  first batch {first:.3f} s  "
                           f"steady {rec['steady_windows_per_s']:>11,.0f} windows/s", flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "data_stream.json").write_text(json.dumps(records, indent=1) + "\n")
+    path = write_result("data_stream", records)
     print()
     print("| dataset | source | workers | windows/s | M points/s | first batch s | steady windows/s | vs pandas-csv |")
     print("|---|---|---|---|---|---|---|---|")
@@ -142,7 +141,7 @@ def main() -> None:
         print(f"| {r['dataset']} | {r['source']} | {r['workers']} | {r['windows_per_s']:,.0f} | "
               f"{r['points_per_s'] / 1e6:.1f} | {r['first_batch_s']:.3f} | {r['steady_windows_per_s']:,.0f} | "
               f"{ratio:.2f}x |")
-    print(f"\nwrote {OUT / 'data_stream.json'}")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ distributed fine-tuning under the deepspeed launcher."""
 import json
 import math
 
-import pytest
 
 from trainer import evaluate
 from trainer.config import load_config
