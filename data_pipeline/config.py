@@ -18,6 +18,9 @@ class DataConfig:
     channels: Literal["multivariate", "independent"] = "multivariate"  # [C, L] windows or [1, L] per channel
     short_series: Literal["drop", "pad", "error"] = "drop"
     normalize: bool = True  # z-score with the manifest's train-split per-channel statistics
+    # z-score every series (each channel) by its own statistics over the split's rows instead: for corpora
+    # that mix data sets of different scales and channel counts, which share no manifest statistics
+    series_norm: bool = False
     shuffle: bool = True
     # windows shuffled together: consecutive shards are grouped until a group holds this many; a group is
     # permuted exactly (a small set such as ETTh1 is one group: a full shuffle)

@@ -37,7 +37,7 @@ STAT_KEYS = ("windows", "batches", "tail_dropped", "skipped_short", "padded", "s
              "bad_shards", "resampled", "shards_read", "bytes_read", "retries")
 _LAYOUT_KEYS = ("rank", "world_size", "num_workers", "batch_size", "seq_len", "stride", "overlap", "split",
                 "channels", "short_series", "seed", "shuffle", "shuffle_buffer", "shuffle_shards", "infinite",
-                "drop_last", "normalize", "on_bad_sample", "content_hash")
+                "drop_last", "normalize", "series_norm", "on_bad_sample", "content_hash")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -244,6 +244,7 @@ class StreamLoader:
                 "short_series": d.short_series, "seed": d.seed, "shuffle": d.plan.shuffle,
                 "shuffle_buffer": d.plan.shuffle_buffer, "shuffle_shards": d.plan.shuffle_shards,
                 "infinite": d.infinite, "drop_last": d.drop_last, "normalize": d.normalize,
+                "series_norm": d.series_norm,
                 "on_bad_sample": d.on_bad_sample, "content_hash": d.manifest.get("content_hash")}
 
     def state_dict(self) -> dict:
@@ -362,7 +363,7 @@ def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, 
                         f"{manifest['format']!r} shards")
     ds = ShardStream(manifest, seq_len=seq_len, batch_size=batch_size, split=split or cfg.split,
                      stride=cfg.window_stride, overlap=overlap, channels=cfg.channels,
-                     short_series=cfg.short_series, normalize=cfg.normalize,
+                     short_series=cfg.short_series, normalize=cfg.normalize, series_norm=cfg.series_norm,
                      shuffle=cfg.shuffle if shuffle is None else shuffle, shuffle_buffer=cfg.shuffle_buffer,
                      shuffle_shards=cfg.shuffle_shards,
                      infinite=cfg.infinite if infinite is None else infinite, rank=rank, world_size=world_size,

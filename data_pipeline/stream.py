@@ -76,7 +76,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, manifest: dict, *, seq_len: int, batch_size: int, split: str = "train", stride: int = 1,
                  overlap: Optional[int] = None, channels: str = "multivariate", short_series: str = "drop",
-                 normalize: bool = True, shuffle: bool = True, shuffle_buffer: int = 1024, shuffle_shards: int = 4,
+                 normalize: bool = True, series_norm: bool = False, shuffle: bool = True, shuffle_buffer: int = 1024,
+                 shuffle_shards: int = 4,
                  infinite: bool = False,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  on_bad_sample: str = "error", retries: int = 3, backoff: float = 0.2, read_ahead: int = 2,
@@ -98,6 +99,9 @@ class ShardStream(IterableDataset):
         self.overlap = seq_len if overlap is None else overlap
         self.independent = channels == "independent"
         self.short_series, self.normalize, self.infinite = short_series, normalize, infinite
+        if normalize and series_norm:
+            raise DataError("normalize (manifest statistics) and series_norm (each series' own) exclude each other")
+        self.series_norm = series_norm
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.workers = max(1, num_workers)
         self.seed, self.on_bad_sample, self.drop_last = seed, on_bad_sample, drop_last
@@ -205,6 +209,11 @@ class ShardStream(IterableDataset):
             part = x[:, a:b]
             if self.mean is not None:  # z-score once per series; windows are views of the result
                 part = (part - self.mean[:, None]) / self.std[:, None]
+            elif self.series_norm and part.shape[1] > 0:  # each channel by its own split-row statistics
+                p64 = part.astype(np.float64)  # large offsets (1e6 + noise) lose the noise in fp32 statistics
+                with np.errstate(invalid="ignore"):
+                    mu, sd = p64.mean(axis=1, keepdims=True), p64.std(axis=1, keepdims=True)
+                part = ((p64 - mu) / np.maximum(sd, 1e-5)).astype(np.float32)  # NaN/inf reach the check below
             if not np.isfinite(part).all():  # NaN/inf survive the z-scoring, so one check covers both
                 n_bad = int(part.size - np.count_nonzero(np.isfinite(x[:, a:b])))
                 msg = (f"shard {sw.url}: series {shard.ids[i]!r} (#{i}) has {n_bad} NaN/inf value(s) "

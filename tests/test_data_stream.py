@@ -223,3 +223,21 @@ def test_drop_last_false_yields_every_window_with_partial_batches(many):
     keys = [window_key(w) for b in batches for w in b.numpy()]
     assert sorted(keys) == sorted(expected_keys(LENGTHS, 2, SEQ, STRIDE)) and len(batches) == len(ld)
     assert {b.shape[0] for b in batches[-2:]} - {8}  # the workers' last batches are partial
+
+
+def test_series_norm_scales_each_series_by_its_own_statistics(tmp_path):
+    """Corpora mixing scales (e.g. ETT loads and illness counts): every series, each channel, z-scored
+    by its own split rows; a window spanning a whole series is then exactly mean 0, std 1."""
+    from data_pipeline.shards import Series
+
+    rng = np.random.default_rng(0)
+    recs = [Series(f"s{i}", rng.normal(loc=10.0 ** (3 * i), scale=10.0 ** i, size=(2, 40))) for i in range(3)]
+    m = write_series(recs, str(tmp_path), "parquet", progress=False)
+    ds = stream(m, seq_len=40, stride=1, batch_size=1, series_norm=True, shuffle=False)
+    wins = [x for _, x in ds.iter_windows()]
+    assert len(wins) == 3
+    for w in wins:
+        np.testing.assert_allclose(w.mean(axis=1), 0.0, atol=1e-4)
+        np.testing.assert_allclose(w.std(axis=1), 1.0, atol=1e-4)
+    with pytest.raises(DataError, match="exclude each other"):
+        stream(m, seq_len=40, batch_size=1, normalize=True, series_norm=True)
