@@ -29,7 +29,7 @@ def test_overrides_and_types():
     ("model.mask=zeros", "model.mask: 'zeros' is not one of"),
     ("model.n_heads=5", "d_model (32) must be divisible by n_heads (5)"),
     ("model.mask_ratio=1.5", "mask_ratio must be in (0, 1)"),
-    ("model.mask_ratio=0.8", "geometric masks need mask_lm \\* \\(1 - mask_ratio\\) / mask_ratio >= 1"),
+    ("model.mask_ratio=0.8", "geometric masks need mask_lm * (1 - mask_ratio) / mask_ratio >= 1"),
     ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
     ("nonsense", "expected key=value"),
     ("model=3", "model: expected a mapping"),
