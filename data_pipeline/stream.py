@@ -278,7 +278,7 @@ class ShardStream(IterableDataset):
         stats: Counter = Counter()
         bad_msgs: list[str] = []
         # every consumer reads every shard when striding: let consumer 0 alone count bad shards/series
-        cache = _Cache(self, stats, bad_msgs, count_bad=self.plan.mode == "shard" or consumer == 0)
+        cache = _Cache(self, stats, count_bad=self.plan.mode == "shard" or consumer == 0)
         try:
             while True:
                 seq = self.plan.sequence(consumer, epoch)
@@ -346,7 +346,7 @@ class ShardStream(IterableDataset):
         ((manifest shard index, series, start row, channel), window). For tests and evaluation."""
         epoch = self.epoch if epoch is None else epoch
         seq = self.plan.sequence(self.plan.consumer(worker), epoch)
-        cache = _Cache(self, Counter(), [])
+        cache = _Cache(self, Counter())
         cache.start(seq)
         try:
             for lo in range(0, seq.n, 4096):
@@ -363,8 +363,8 @@ class ShardStream(IterableDataset):
 class _Cache:
     """The decoded shards of the current group, plus read-ahead futures for the next ones."""
 
-    def __init__(self, ds: ShardStream, stats: Counter, bad_msgs: list[str], count_bad: bool = True):
-        self.ds, self.stats, self.bad_msgs, self.count_bad = ds, stats, bad_msgs, count_bad
+    def __init__(self, ds: ShardStream, stats: Counter, count_bad: bool = True):
+        self.ds, self.stats, self.count_bad = ds, stats, count_bad
         self.seq: Optional[Sequence] = None
         self.futures: dict[int, Future] = {}
         self.ready: dict[int, Any] = {}

@@ -282,7 +282,8 @@ def to_universal(ckpt_dir: str | Path, tag: str) -> str:
 def load(engine, ckpt_dir: str | Path, tag: str, load_optimizer: bool = True) -> None:
     """Restore model, optimizer and schedule into `engine` (collective under DeepSpeed)."""
     folder = Path(ckpt_dir) / tag
-    dist.agree(lambda: verify(folder), f"verifying {folder}")  # a bad file on one node stops every rank
+    # once per node (ranks of a node read the same files); a bad file on one node stops every rank
+    dist.agree(lambda: verify(folder) if dist.discover().local_rank == 0 else None, f"verifying {folder}")
     if hasattr(engine, "load_checkpoint"):
         with safe_torch_load():
             path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,

@@ -209,11 +209,7 @@ def classify_data(cfg: FinetuneConfig) -> dict[str, Split]:
         if len(trains) != 1 or len(tests) != 1:
             raise DataError(f"{root}: expected train.pt (TF-C), or one NAME_TRAIN.tsv + NAME_TEST.tsv (UCR), "
                             f"or one NAME_TRAIN.ts + NAME_TEST.ts (UEA)")
-        tr, te, va = _load_archive(trains[0]), _load_archive(tests[0]), None
-        classes = np.unique(np.concatenate([tr[1].numpy(), te[1].numpy()]))
-        remap = {c: i for i, c in enumerate(classes)}
-        tr = (tr[0], torch.tensor([remap[c] for c in tr[1].numpy()]))
-        te = (te[0], torch.tensor([remap[c] for c in te[1].numpy()]))
+        tr, te, va = _load_archive(trains[0]), _load_archive(tests[0]), None  # labels remapped in finetune()
     if va is None:
         tr, va = _carve_val(*tr, cfg.task.val_fraction, seed)
     return {"train": Split(*tr), "val": Split(*va), "test": Split(*te)}
@@ -248,16 +244,16 @@ def label_subset(n: int, fraction: float, seed: int, labels: Optional[np.ndarray
 
 def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Module, SimMTMConfig]:
     """Encoder from a published checkpoint (or random, same architecture) plus a fresh head."""
-    # Dropout is a fine-tuning setting, not part of the weights: the published architecture with it replaced.
-    ft = (lambda a: a if cfg.task.dropout is None else replace(a, dropout=cfg.task.dropout))
     if cfg.init == "random":
-        arch = ft(load_state(_resolve(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model)
-        torch.manual_seed(cfg.train.seed)
-        encoder = Encoder(arch)
+        arch = load_state(_resolve(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model
     else:
         arch, state, _ = load_state(_resolve(cfg.init), cfg.storage_options or None)
-        arch = ft(arch)
-        encoder = Encoder(arch)
+    if cfg.task.dropout is not None:  # a fine-tuning setting, not part of the weights
+        arch = replace(arch, dropout=cfg.task.dropout)
+    if cfg.init == "random":
+        torch.manual_seed(cfg.train.seed)
+    encoder = Encoder(arch)
+    if cfg.init != "random":
         enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         if not enc:
             raise ValueError(f"init {cfg.init}: the checkpoint holds no encoder.* weights")
