@@ -5,12 +5,14 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from trainer.config import REPO_ROOT
+from trainer.distributed import SHM_DIR
 
 from .launch_utils import VENV_BIN, clean_env, deepspeed_cmd, free_port, pretrain_cmd, run, summary
 
@@ -24,14 +26,22 @@ def assert_trained(s: dict, world: int) -> None:
     assert s["replicas_identical"], s["parameter_digests"]  # parameters identical on every rank
 
 
+def assert_no_shm_left(port: int) -> None:
+    """DeepSpeed's CPU all-reduce segments (64 MiB per rank) must not outlive the run."""
+    left = list(Path(SHM_DIR).glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, left
+
+
 @pytest.mark.parametrize("zero", [0, 2, 3])
 def test_deepspeed_launcher_two_ranks(zero, tmp_path):
     out = tmp_path / f"z{zero}"
-    proc = run(deepspeed_cmd("--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    proc = run(deepspeed_cmd("--num_gpus", "2", "--master_port", str(port),
                              script_args=[f"dist.zero_stage={zero}", f"train.max_steps={STEPS}", f"ckpt.dir={out}",
                                           "log.image_every=8"]))
     s = summary(out)
     assert_trained(s, 2)
+    assert_no_shm_left(port)
     assert "deepspeed" in proc.stdout and "replicas identical   True" in proc.stdout
     if zero == 0:  # rank-0-only monitoring: one events file, with scalars, images and hparams
         events = list((out / "tb").rglob("events.out.tfevents.*"))
@@ -54,10 +64,12 @@ def test_deepspeed_launcher_two_ranks(zero, tmp_path):
 def test_deepspeed_hostfile_localhost(tmp_path):
     """The documented cluster command, with cluster/hosts naming localhost (slots=2)."""
     out = tmp_path / "hostfile"
+    port = free_port()
     run(deepspeed_cmd("--hostfile", "cluster/hosts", "--no_ssh_check", "--master_addr", "127.0.0.1",
-                      "--master_port", str(free_port()),
+                      "--master_port", str(port),
                       script_args=["dist.zero_stage=2", f"train.max_steps={STEPS}", f"ckpt.dir={out}"]))
     assert_trained(summary(out), 2)
+    assert_no_shm_left(port)
 
 
 def test_torchrun_two_nodes_one_rank_each(tmp_path):

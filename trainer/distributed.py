@@ -110,9 +110,36 @@ def setup(backend: str = "auto", use_deepspeed: bool = False) -> DistEnv:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        _unlink_shm_segment(env)
     elif env.distributed and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
     return env
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_segment_name(rank: int, addr: str, port) -> str:
+    """The name DeepSpeed's CPU shared-memory all-reduce gives a rank's 64 MiB workspace."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_segment(env: DistEnv) -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm segment per rank and never unlinks it, so every
+    run on a node leaves 64 MiB of RAM per rank behind. Once every rank has mapped every peer's
+    segment (shm_initialize runs inside init_distributed, so after a barrier all have), the names
+    can go: the mappings live until the processes exit, and the memory with them."""
+    if not os.path.isdir(SHM_DIR):
+        return
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    rank = dist.get_rank() if dist.is_initialized() else env.rank
+    path = os.path.join(SHM_DIR, shm_segment_name(rank, os.environ.get("MASTER_ADDR", ""),
+                                                    os.environ.get("MASTER_PORT", "")))
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # not all ranks on one node, or an accelerator backend: no segment
+        pass
 
 
 def teardown() -> None:
