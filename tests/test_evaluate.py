@@ -3,6 +3,7 @@ distributed fine-tuning under the deepspeed launcher."""
 import json
 import math
 
+import pytest
 
 from trainer import evaluate
 from trainer.config import load_config
@@ -31,6 +32,22 @@ def test_harness_runs_resumes_and_reports(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(evaluate, "_run", lambda cmd, log: calls.append(cmd) or 0.0)
     assert evaluate.run(cfg) == records and calls == []  # complete: nothing re-runs
+
+    # The checkpoint is reused from a moved results folder, and refused for another recipe.
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)
+    cfg.out = str(moved)
+    (moved / "results.json").unlink()
+    again = evaluate.run(cfg)  # records rebuilt from the fine-tunes' results in the moved folder
+    assert [(r["init"], r["mse"]) for r in again] == [(r["init"], r["mse"]) for r in records]
+    assert [c[1] for c in calls] == ["trainer/finetune.py"] * 2  # no pre-training: fine-tunes only
+    cfg.pretrain_overrides = [*TINY, "train.max_steps=3"]
+    saved = (moved / "results.json").read_text()
+    (moved / "results.json").unlink()
+    with pytest.raises(RuntimeError, match="another command"):
+        evaluate.run(cfg)
+    (moved / "results.json").write_text(saved)
+    moved.rename(tmp_path)
 
     out_json, out_md = tmp_path / "merged.json", tmp_path / "merged.md"
     evaluate.main(["report", str(tmp_path / "results.json"), "--json", str(out_json), "--md", str(out_md)])
