@@ -129,7 +129,7 @@ def _unlink_shm_segment(env: DistEnv) -> None:
     run on a node leaves 64 MiB of RAM per rank behind. Once every rank has mapped every peer's
     segment (shm_initialize runs inside init_distributed, so after a barrier all have), the names
     can go: the mappings live until the processes exit, and the memory with them."""
-    if not os.path.isdir(SHM_DIR):
+    if env.device.type != "cpu" or not os.path.isdir(SHM_DIR):  # only DeepSpeed's CPU accelerator maps one
         return
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
