@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from trainer.config import REPO_ROOT
-from trainer.distributed import SHM_DIR
+from trainer.distributed import SHM_DIR, shm_segment_name
 
 from .launch_utils import VENV_BIN, clean_env, deepspeed_cmd, free_port, pretrain_cmd, run, summary
 
@@ -28,7 +28,7 @@ def assert_trained(s: dict, world: int) -> None:
 
 def assert_no_shm_left(port: int) -> None:
     """DeepSpeed's CPU all-reduce segments (64 MiB per rank) must not outlive the run."""
-    left = list(Path(SHM_DIR).glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    left = list(Path(SHM_DIR).glob(shm_segment_name("*", "*", port)))
     assert not left, left
 
 

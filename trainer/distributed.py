@@ -119,7 +119,7 @@ def setup(backend: str = "auto", use_deepspeed: bool = False) -> DistEnv:
 SHM_DIR = "/dev/shm"
 
 
-def shm_segment_name(rank: int, addr: str, port) -> str:
+def shm_segment_name(rank, addr: str, port) -> str:
     """The name DeepSpeed's CPU shared-memory all-reduce gives a rank's 64 MiB workspace."""
     return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 

@@ -87,6 +87,11 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _recipe(command: list[str]) -> list[str]:
+    """A pre-training command less where it wrote: a moved repo or results folder still matches."""
+    return [c for c in command if not c.startswith(("ckpt.dir=", "ckpt.publish="))]
+
+
 def pretrain_stage(cfg: EvalConfig, out: Path) -> tuple[str, Optional[float]]:
     """The published folder, pre-training first unless it already exists; and the pre-training wall time."""
     published = _published(cfg, out)
@@ -94,20 +99,15 @@ def pretrain_stage(cfg: EvalConfig, out: Path) -> tuple[str, Optional[float]]:
     cmd = [sys.executable, "trainer/pretrain.py", "--config", cfg.pretrain_config, *cfg.pretrain_overrides,
            f"ckpt.dir={run_dir}", f"ckpt.publish={published}", "train.progress=false"]
     provenance = run_dir / "pretrain_command.json"
-    # What the checkpoint was trained with, less where it was written: a moved repo or results folder
-    # still matches.
-    recipe = [c for c in cmd[1:] if not c.startswith(("ckpt.dir=", "ckpt.publish="))]
     if (published / "model.safetensors").exists():
         # Reuse only the checkpoint this recipe would produce: a stale one would mislabel every record.
-        if provenance.exists():
-            saved = json.loads(provenance.read_text())
-            if saved.get("recipe", saved["command"]) not in (recipe, cmd[1:]):
-                raise RuntimeError(f"{published} was pre-trained with another command than this recipe's "
-                                   f"(see {provenance}); remove it or set `published` to another folder")
+        if provenance.exists() and _recipe(json.loads(provenance.read_text())["command"]) != _recipe(cmd[1:]):
+            raise RuntimeError(f"{published} was pre-trained with another command than this recipe's "
+                               f"(see {provenance}); remove it or set `published` to another folder")
     else:
         seconds = _run(cmd, out / "logs" / "pretrain.log")
         (run_dir / "wall_seconds.json").write_text(json.dumps({"pretrain_wall_seconds": seconds}))
-        provenance.write_text(json.dumps({"command": cmd[1:], "recipe": recipe}))
+        provenance.write_text(json.dumps({"command": cmd[1:]}))
     wall, summary = run_dir / "wall_seconds.json", run_dir / "summary.json"
     seconds = (json.loads(wall.read_text())["pretrain_wall_seconds"] if wall.exists()
                else json.loads(summary.read_text()).get("elapsed_s") if summary.exists() else None)
