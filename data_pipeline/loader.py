@@ -28,7 +28,7 @@ from .errors import DataError, ShardError
 from .readers import is_raw
 from .shards import (ChannelStats, decode, make_manifest, load_manifest, shard_entry, shard_url, sniff_format,
                      Series)
-from .stream import ShardStream
+from .stream import READ_JOIN_TIMEOUT_S, ShardStream
 from .windows import split_rows
 
 log = logging.getLogger("data_pipeline")
@@ -184,7 +184,7 @@ class _ThreadSource:
         # Join: a daemon thread still inside native code (pyarrow, torch) when the interpreter
         # exits aborts the process ("terminate called without an active exception").
         if self.t is not threading.current_thread():
-            self.t.join(timeout=30)
+            self.t.join(timeout=READ_JOIN_TIMEOUT_S + 30)  # it first waits for its read-ahead
 
 
 class StreamLoader:
@@ -200,6 +200,7 @@ class StreamLoader:
         self._counters: Counter = Counter()
         self._state = self._fresh(dataset.epoch)
         self._pending: Optional[dict] = None
+        self._active: Optional[Iterator] = None
 
     # -------------------------------------------------------------- contract
 
@@ -275,7 +276,16 @@ class StreamLoader:
         else:
             st = self._fresh(self.dataset.epoch)
         self._state = st
-        return self._run(st)
+        self.close()  # one pass at a time: a new one ends the last (its threads are joined)
+        self._active = self._run(st)
+        return self._active
+
+    def close(self) -> None:
+        """End the current pass now and join its threads; the trainer calls it before exit, since a
+        pass left by `break` ends only when the garbage collector gets to it."""
+        active, self._active = self._active, None
+        if active is not None:
+            active.close()
 
     def _next_worker(self, st: dict, quotas: list[int]) -> Optional[int]:
         W = self.workers

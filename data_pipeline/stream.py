@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any, Iterator, Optional
@@ -37,6 +38,8 @@ from .shards import check_against_manifest, decode, expand_shapes, sha256, shard
 from .windows import ShardWindows, shard_windows
 
 log = logging.getLogger("data_pipeline")
+
+READ_JOIN_TIMEOUT_S = 60.0  # how long close() waits for read-ahead still in flight (one shard read, retries included)
 
 
 class ShardUnreachable(ShardError):
@@ -55,7 +58,7 @@ class _Prepared:
         self.arrays, self.bad, self.nbytes, self.retries = arrays, bad, nbytes, retries
 
 
-def _spawn(fn) -> Future:
+def _spawn(fn) -> tuple[Future, threading.Thread]:
     fut: Future = Future()
 
     def run() -> None:
@@ -63,8 +66,9 @@ def _spawn(fn) -> Future:
             fut.set_result(fn())
         except BaseException as e:  # noqa: BLE001 - delivered to the consumer
             fut.set_exception(e)
-    threading.Thread(target=run, daemon=True, name="shard-read-ahead").start()
-    return fut
+    t = threading.Thread(target=run, daemon=True, name="shard-read-ahead")
+    t.start()
+    return fut, t
 
 
 class ShardStream(IterableDataset):
@@ -367,6 +371,7 @@ class _Cache:
         self.ds, self.stats, self.count_bad = ds, stats, count_bad
         self.seq: Optional[Sequence] = None
         self.futures: dict[int, Future] = {}
+        self.threads: list[threading.Thread] = []  # every read still running, dropped ones included
         self.ready: dict[int, Any] = {}
         self.group = -1
         # group -> (bad shards, bad series, messages) of this epoch's order; the consumer counts them
@@ -378,8 +383,16 @@ class _Cache:
         self.group_bad.clear()
 
     def close(self) -> None:
+        """Wait for the reads still running: a daemon thread left inside pyarrow or numpy when the
+        interpreter exits aborts the process ("terminate called without an active exception")."""
         self.futures.clear()
         self.ready.clear()
+        deadline = time.monotonic() + READ_JOIN_TIMEOUT_S
+        for t in self.threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self.threads):
+            log.warning("data: shard reads still run %.0f s after close; leaving them", READ_JOIN_TIMEOUT_S)
+        self.threads.clear()
 
     def _enter(self, g: int) -> None:
         seq = self.seq
@@ -393,11 +406,12 @@ class _Cache:
         keep = set(need) | set(upcoming)
         for sid in need + upcoming:
             if sid not in self.futures and sid not in self.ready:
-                self.futures[sid] = _spawn(lambda sid=sid: self.ds._load(sid))
+                self.futures[sid], t = _spawn(lambda sid=sid: self.ds._load(sid))
+                self.threads = [u for u in self.threads if u.is_alive()] + [t]
         self.ready = {s: v for s, v in self.ready.items() if s in keep}
         for sid in list(self.futures):
             if sid not in keep:
-                del self.futures[sid]  # a wrap-around jumped past it; the thread finishes and is dropped
+                del self.futures[sid]  # a wrap-around jumped past it; close() still waits for it
         for sid in need:
             if sid not in self.ready:
                 res = self.futures.pop(sid).result()  # re-raises the loader's exception here, in order

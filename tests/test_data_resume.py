@@ -133,3 +133,36 @@ def test_state_from_another_layout_is_refused(corpus):
         other.load_state_dict(sd)
     with pytest.raises(DataError, match="unsupported version"):
         other.load_state_dict({"version": 99})
+
+
+def test_close_joins_the_data_threads(tmp_path, monkeypatch):
+    """A pass left by `break` must leave no thread behind: a daemon thread still inside pyarrow or
+    numpy when the interpreter exits aborts the process. Slow reads keep the read-ahead in flight."""
+    import threading
+    import time
+
+    from data_pipeline.stream import ShardStream
+
+    load, calls, lock = ShardStream._load, [], threading.Lock()
+
+    def slow_load(self, sid):  # the first group's shard at once, each shard read ahead slower
+        with lock:
+            calls.append(sid)
+            i = len(calls) - 1
+        time.sleep(0.5 * i)
+        return load(self, sid)
+
+    monkeypatch.setattr(ShardStream, "_load", slow_load)
+    names = {"shard-read-ahead", "data-pipeline-producer"}
+    # one series per shard, ~1000 windows each: the first batch's look-ahead (2048 windows) needs
+    # three shards, and four more are being read ahead when the pass is left
+    long = write_series(identity_series([2000] * 8, 1), str(tmp_path), "parquet", shard_samples=1,
+                        progress=False)["_url"]
+    loader = make(long, 0, 1, 0, read_ahead=4, shuffle=False)
+    for _ in loader:
+        break
+    assert any(t.name in names for t in threading.enumerate())  # reads are in flight now
+    loader.close()
+    assert [t.name for t in threading.enumerate() if t.name in names] == []
+    monkeypatch.setattr(ShardStream, "_load", load)
+    assert len(list(loader)) == len(loader)  # a closed loader starts the next pass as usual

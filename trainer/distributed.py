@@ -7,9 +7,12 @@ the standard variables (so DeepSpeed never falls back to mpi4py) and starts the 
 """
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -143,8 +146,61 @@ def _unlink_shm_segment(env: DistEnv) -> None:
 
 
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process groups while the interpreter is still whole. A group left to interpreter
+    exit keeps gloo's worker threads running into finalisation, where a rank can abort after all its
+    work is done ("terminate called without an active exception"), and the launcher then fails the
+    whole job. DeepSpeed keeps its own references to the groups; they are dropped too, so the
+    groups (and their threads) really end here."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_WORLD_GROUP"):
+        groups._WORLD_GROUP = None
+    comm = sys.modules.get("deepspeed.comm.comm")
+    backend = getattr(comm, "cdb", None) if comm is not None else None
+    if isinstance(getattr(backend, "process_groups", None), list):
+        backend.process_groups.clear()
+    gc.collect()  # DeepSpeed's engine holds groups inside reference cycles
+
+
+def release_engine(engine) -> None:
+    """Let a DeepSpeed engine go: it unhooks itself from the model and optimizer, so the cycles
+    that keep it (and the process groups it holds) alive can be collected before teardown()."""
+    destroy = getattr(engine, "destroy", None)
+    if callable(destroy):
+        destroy()
+
+
+def exit_process(code: int = 0) -> None:
+    """End an entry script. After teardown() a DeepSpeed run still has one process group held from
+    C++ (no Python reference is left to drop), and its gloo threads running through interpreter
+    finalisation can abort a rank whose work is done, failing the whole launch. So once all output
+    is flushed such a process ends at once; a process without live group threads exits normally."""
+    if live_group_threads() == 0:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def live_group_threads() -> int:
+    """Native threads of gloo process groups still running in this process (Linux; 0 elsewhere)."""
+    names = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:
+                pass
+    except OSError:
+        return 0
+    return sum(n.startswith("pt_gloo") for n in names)
 
 
 class _AllGather(torch.autograd.Function):

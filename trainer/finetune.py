@@ -426,6 +426,7 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
         if cfg.out:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out) / "result.json").write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=2))
+    dist.release_engine(engine)
     result["_model"] = module
     return result
 
@@ -433,11 +434,15 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
 def main(argv: Optional[list[str]] = None) -> dict:
     path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(path, overrides, cls=FinetuneConfig)
-    result = finetune(cfg)
-    dist.barrier() if dist.discover().world_size > 1 else None
+    try:
+        result = finetune(cfg)
+        dist.barrier() if dist.discover().world_size > 1 else None
+    finally:
+        dist.teardown()
     result.pop("_model", None)
     return result
 
 
 if __name__ == "__main__":
     main()
+    dist.exit_process(0)
