@@ -149,8 +149,8 @@ def teardown() -> None:
     """Destroy the process groups while the interpreter is still whole. A group left to interpreter
     exit keeps gloo's worker threads running into finalisation, where a rank can abort after all its
     work is done ("terminate called without an active exception"), and the launcher then fails the
-    whole job. DeepSpeed keeps its own references to the groups; they are dropped too, so the
-    groups (and their threads) really end here."""
+    whole job. DeepSpeed keeps its own references to the groups; they are dropped too, so every
+    group ends here except one that DeepSpeed holds from C++ (exit_process handles that one)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.destroy_process_group()
