@@ -9,11 +9,13 @@ this makes `load_state_dict` + iterate yield exactly the batches the uninterrupt
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from typing import Any, Iterator, Optional
 
@@ -187,6 +189,17 @@ class _ThreadSource:
             self.t.join(timeout=READ_JOIN_TIMEOUT_S + 30)  # it first waits for its read-ahead
 
 
+_OPEN: "weakref.WeakSet[StreamLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """A pass still open at exit (left by an exception, or by `break` in a frame kept alive) has
+    threads inside pyarrow or numpy; interpreter finalisation would abort the process on them."""
+    for loader in list(_OPEN):
+        loader.close()
+
+
 class StreamLoader:
     """Iterable over [B, C, L] float32 batches; see build_loader for the contract."""
 
@@ -278,12 +291,14 @@ class StreamLoader:
         self._state = st
         self.close()  # one pass at a time: a new one ends the last (its threads are joined)
         self._active = self._run(st)
+        _OPEN.add(self)
         return self._active
 
     def close(self) -> None:
-        """End the current pass now and join its threads; the trainer calls it before exit, since a
-        pass left by `break` ends only when the garbage collector gets to it."""
+        """End the current pass now and join its threads (reads in flight included). Passes still
+        open when the interpreter exits are closed by an atexit hook."""
         active, self._active = self._active, None
+        _OPEN.discard(self)
         if active is not None:
             active.close()
 

@@ -6,7 +6,6 @@ Tolerance: 1e-5 relative on the loss, 1e-4 relative / 1e-6 absolute on gradients
 summation order differs).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -15,15 +14,12 @@ import torch.multiprocessing as mp
 from models import Gather, SimMTM, SimMTMConfig
 from models.masking import make_views
 from trainer import distributed as D
+from trainer.config import REPO_ROOT
+
+from .launch_utils import free_port
 
 CFG = dict(seq_len=24, d_model=8, n_heads=2, e_layers=1, d_ff=16, proj_dim=8, dropout=0.0, num_views=3)
 B, C, L = 2, 2, 24
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank: int):
@@ -65,7 +61,7 @@ def _single(global_agg_equivalent: bool = True):
 
 
 def _run(tmp_path, global_agg: bool):
-    mp.spawn(_worker, args=(2, _port(), str(tmp_path), global_agg), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), global_agg), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -127,19 +123,19 @@ D.exit_process(3)
 """
 
 
+def _python(code: str):
+    """Run a snippet in a fresh interpreter (its exit is what is under test)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("with_group", [True, False])
 def test_exit_process_flushes_and_keeps_the_code(with_group):
     """With gloo threads alive the process ends at once (no finalisation: the atexit line is not
     printed) after flushing; without them it exits normally. The exit code is kept either way."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = EXIT_SCRIPT.format(root=root, with_group=with_group, port=port)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    p = _python(EXIT_SCRIPT.format(root=str(REPO_ROOT), with_group=with_group, port=free_port()))
     assert p.returncode == 3, p.stderr
     assert "buffered" in p.stdout
     if with_group:
@@ -150,19 +146,11 @@ def test_exit_process_flushes_and_keeps_the_code(with_group):
 
 def test_teardown_ends_the_group_threads():
     """teardown() destroys every group while Python is whole, so no gloo thread is left for exit."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = (f"import sys; sys.path.insert(0, {root!r})\n"
-            "import torch, torch.distributed as dist\nfrom trainer import distributed as D\n"
-            f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
-            "g = dist.new_group([0]); dist.all_reduce(torch.ones(2)); dist.all_reduce(torch.ones(2), group=g)\n"
-            "before = D.live_group_threads(); del g; D.teardown(); print(before, D.live_group_threads())\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    p = _python(f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+                "import torch, torch.distributed as dist\nfrom trainer import distributed as D\n"
+                f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+                "g = dist.new_group([0]); dist.all_reduce(torch.ones(2)); dist.all_reduce(torch.ones(2), group=g)\n"
+                "before = D.live_group_threads(); del g; D.teardown(); print(before, D.live_group_threads())\n")
     assert p.returncode == 0, p.stderr
     before, after = map(int, p.stdout.split())
     assert before >= 2 and after == 0

@@ -146,58 +146,56 @@ def train(cfg: Config) -> dict:
     micro = 0
     last_saved = None
     wait_mark = loader.wait_seconds
-    try:
-        while step < total:
-            loader.set_epoch(epoch)
-            for batch in loader:
-                wait = loader.wait_seconds - wait_mark
-                x = batch.to(env.device, non_blocking=True)
-                want_image = cfg.log.image_every > 0 and (step + 1) % cfg.log.image_every == 0 and env.is_main
-                out = engine(x, gather=gather, generator=generator,
-                             global_aggregation=cfg.dist.global_aggregation, details=want_image)
-                lr = engine.get_lr()[0]  # the rate this step uses
-                engine.backward(out["loss"])
-                engine.step()
-                for k in acc:
-                    acc[k] += float(out[k].detach()) / cfg.train.grad_accum
-                micro += 1
-                meter.add(out["num_series"] * env.world_size, out["num_series"] * x.shape[-1] * env.world_size, wait)
-                wait_mark = loader.wait_seconds
-                if micro % cfg.train.grad_accum:
-                    continue
-                step += 1
-                means = {k: float(dist.all_reduce_mean(torch.tensor(v))) for k, v in acc.items()}
-                acc = {k: 0.0 for k in acc}
-                rates = meter.rates()
-                record = {"step": step, **means, "lr": lr, "series_per_s": rates["series_per_s"],
-                          "time_s": meter.elapsed}
-                if step == 1 or step % cfg.train.log_every == 0 or step == total:
-                    history.append(record)
-                    monitor.print(f"step {step}/{total} loss {means['loss']:.4f} rec {means['loss_rec']:.4f} "
-                                  f"cl {means['loss_cl']:.4f} lr {record['lr']:.2e} {rates['series_per_s']:.1f} series/s")
-                gn = engine.get_global_grad_norm()
-                monitor.scalars(step, {"loss/total": means["loss"], "loss/reconstruction": means["loss_rec"],
-                                       "loss/constraint": means["loss_cl"], "weight/sigma_rec": float(out["sigma_rec"]),
-                                       "weight/sigma_cl": float(out["sigma_cl"]), "lr": record["lr"],
-                                       "grad_norm": float(gn) if gn is not None else float("nan"),
-                                       "throughput/series_per_s": rates["series_per_s"],
-                                       "throughput/points_per_s": rates["points_per_s"],
-                                       "data/wait_fraction": rates["data_wait_fraction"],
-                                       "memory/peak_gb": peak_memory_gb(env.device)})
-                if want_image:
-                    monitor.reconstruction_image(step, x[0].float(), out["pred"][0], out["weights"])
-                monitor.step(step, {"loss": f"{means['loss']:.3f}", "rec": f"{means['loss_rec']:.3f}",
-                                    "series/s": f"{rates['series_per_s']:.0f}"})
-                if cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0 and step < total:
-                    last_saved = save(step)
-                if step >= total:
-                    break
-            else:
-                epoch += 1
+    while step < total:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            wait = loader.wait_seconds - wait_mark
+            x = batch.to(env.device, non_blocking=True)
+            want_image = cfg.log.image_every > 0 and (step + 1) % cfg.log.image_every == 0 and env.is_main
+            out = engine(x, gather=gather, generator=generator,
+                         global_aggregation=cfg.dist.global_aggregation, details=want_image)
+            lr = engine.get_lr()[0]  # the rate this step uses
+            engine.backward(out["loss"])
+            engine.step()
+            for k in acc:
+                acc[k] += float(out[k].detach()) / cfg.train.grad_accum
+            micro += 1
+            meter.add(out["num_series"] * env.world_size, out["num_series"] * x.shape[-1] * env.world_size, wait)
+            wait_mark = loader.wait_seconds
+            if micro % cfg.train.grad_accum:
                 continue
-            break
-    finally:
-        loader.close()  # join the read-ahead threads: a daemon thread inside pyarrow at exit aborts the process
+            step += 1
+            means = {k: float(dist.all_reduce_mean(torch.tensor(v))) for k, v in acc.items()}
+            acc = {k: 0.0 for k in acc}
+            rates = meter.rates()
+            record = {"step": step, **means, "lr": lr, "series_per_s": rates["series_per_s"],
+                      "time_s": meter.elapsed}
+            if step == 1 or step % cfg.train.log_every == 0 or step == total:
+                history.append(record)
+                monitor.print(f"step {step}/{total} loss {means['loss']:.4f} rec {means['loss_rec']:.4f} "
+                              f"cl {means['loss_cl']:.4f} lr {record['lr']:.2e} {rates['series_per_s']:.1f} series/s")
+            gn = engine.get_global_grad_norm()
+            monitor.scalars(step, {"loss/total": means["loss"], "loss/reconstruction": means["loss_rec"],
+                                   "loss/constraint": means["loss_cl"], "weight/sigma_rec": float(out["sigma_rec"]),
+                                   "weight/sigma_cl": float(out["sigma_cl"]), "lr": record["lr"],
+                                   "grad_norm": float(gn) if gn is not None else float("nan"),
+                                   "throughput/series_per_s": rates["series_per_s"],
+                                   "throughput/points_per_s": rates["points_per_s"],
+                                   "data/wait_fraction": rates["data_wait_fraction"],
+                                   "memory/peak_gb": peak_memory_gb(env.device)})
+            if want_image:
+                monitor.reconstruction_image(step, x[0].float(), out["pred"][0], out["weights"])
+            monitor.step(step, {"loss": f"{means['loss']:.3f}", "rec": f"{means['loss_rec']:.3f}",
+                                "series/s": f"{rates['series_per_s']:.0f}"})
+            if cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0 and step < total:
+                last_saved = save(step)
+            if step >= total:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    loader.close()  # join its threads now rather than when the collector or the exit hook gets to them
 
     # The final state, unless it is exactly the checkpoint this run resumed from (a finished run
     # started again): writing over the checkpoint `latest` names would put it at risk for nothing.
