@@ -38,6 +38,9 @@ class DataConfig:
     verify_checksums: bool = True  # check each shard's sha256 against the manifest (catches silent corruption)
     retries: int = 3  # transient object-store errors
     retry_backoff: float = 0.2  # seconds before the first retry; doubles per attempt (capped at 10 s)
+    # seconds one object-store read/write/listing may take in all, retries and backoff included: a frozen
+    # endpoint (accepts connections, never answers) then fails naming the URL instead of stalling for ever
+    io_timeout: float = 60.0
     storage_options: dict = field(default_factory=dict)  # passed to fsspec (e.g. endpoint_url, key, secret)
 
     def validate(self) -> None:
@@ -53,7 +56,13 @@ class DataConfig:
         for name, allowed in choices.items():  # for direct API use; the trainer's config loader checks too
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if self.read_ahead < 0 or self.retry_backoff < 0:
-            raise ValueError("read_ahead >= 0 and retry_backoff >= 0 required")
+        import math
+
+        if self.read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {self.read_ahead}")
+        if not (math.isfinite(self.retry_backoff) and self.retry_backoff >= 0):
+            raise ValueError(f"retry_backoff must be a finite number >= 0, got {self.retry_backoff}")
+        if not (math.isfinite(self.io_timeout) and self.io_timeout > 0):
+            raise ValueError(f"io_timeout must be a finite number of seconds > 0, got {self.io_timeout}")
         if not self.source:
             raise ValueError("source must name a manifest, shard URL/glob or a raw data file")

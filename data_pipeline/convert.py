@@ -25,6 +25,9 @@ from .shards import (FORMATS, SUFFIX, ChannelStats, Series, encode, make_manifes
                      write_manifest)
 
 DEFAULT_SHARD_MB = 64.0
+# |x| beyond this is refused by default: such a value (a sentinel like 1e30, a unit error) swamps the
+# per-channel mean/std and flattens every other series' normalisation. 0 (or inf) disables the check.
+DEFAULT_MAX_ABS = 1e10
 
 
 def _train_part(raw: RawInput, s: Series) -> Optional[np.ndarray]:
@@ -45,6 +48,21 @@ def _check_finite(raw: RawInput, s: Series) -> None:
                         f"--allow-nonfinite (the stream then errors or skips it per data.on_bad_sample)")
 
 
+def _check_magnitude(raw: RawInput, s: Series, max_abs: float) -> None:
+    if max_abs is None or max_abs == 0 or not np.isfinite(max_abs):
+        return
+    v = s.values
+    big = np.isfinite(v) & (np.abs(v) > max_abs)
+    n = int(np.count_nonzero(big))
+    if n:
+        a = np.where(big, np.abs(v), 0)
+        c, t = np.unravel_index(int(np.argmax(a)), v.shape)
+        raise DataError(f"{raw.path}: series {s.id!r} has {n} value(s) beyond +-{max_abs:g} (largest "
+                        f"{float(v[c, t]):.6g} in channel {int(c)}, row {int(t)}); values that large swamp the "
+                        f"normalisation statistics: clean the input, or raise the limit (--max-abs, "
+                        f"max_abs=...; 0 disables the check)")
+
+
 def _pack(series: Sequence[Series], shard_mb: float, shard_samples: int) -> Iterable[list[Series]]:
     limit = max(1, int(shard_mb * 2**20)) if shard_mb > 0 else None
     cur: list[Series] = []
@@ -63,13 +81,14 @@ def _pack(series: Sequence[Series], shard_mb: float, shard_samples: int) -> Iter
 def convert(inputs: str | Sequence[str], out: str, fmt: str = "parquet", *, name: Optional[str] = None,
             shard_mb: float = DEFAULT_SHARD_MB, shard_samples: int = 0, borders: str = "auto",
             layout: str = "auto", storage_options: Optional[dict] = None, progress: bool = True,
-            allow_nonfinite: bool = False, retries: int = 3) -> dict:
+            allow_nonfinite: bool = False, retries: int = 3, max_abs: float = DEFAULT_MAX_ABS) -> dict:
     """Convert input files to `fmt` shards under the fsspec URL `out`; returns the manifest.
 
     A shard closes before it would exceed `shard_mb` MB of float32 values or `shard_samples` series
     (0 disables a limit; a single larger series gets a shard of its own). Per-channel statistics are
     fitted on the training part only: the train rows of time-split files, `train` files of
-    file-split sets, everything for unsplit corpora.
+    file-split sets, everything for unsplit corpora. A finite value with |x| > `max_abs` is refused
+    with an error naming the file and series (0 disables the check).
     """
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -77,7 +96,8 @@ def convert(inputs: str | Sequence[str], out: str, fmt: str = "parquet", *, name
         raise DataError("no inputs to convert")
     raws = [read_input(p, storage_options, borders=borders, layout=layout, retries=retries) for p in inputs]
     return write_dataset(raws, out, fmt, name=name, shard_mb=shard_mb, shard_samples=shard_samples,
-                         storage_options=storage_options, progress=progress, allow_nonfinite=allow_nonfinite)
+                         storage_options=storage_options, progress=progress, allow_nonfinite=allow_nonfinite,
+                         max_abs=max_abs)
 
 
 def write_series(series: Sequence[Series], out: str, fmt: str = "parquet", *, name: str = "series",
@@ -90,11 +110,13 @@ def write_series(series: Sequence[Series], out: str, fmt: str = "parquet", *, na
 def write_dataset(raws: Sequence[RawInput], out: str, fmt: str = "parquet", *, name: Optional[str] = None,
                   shard_mb: float = DEFAULT_SHARD_MB, shard_samples: int = 0,
                   storage_options: Optional[dict] = None, progress: bool = True,
-                  allow_nonfinite: bool = False) -> dict:
+                  allow_nonfinite: bool = False, max_abs: float = DEFAULT_MAX_ABS) -> dict:
     from tqdm.auto import tqdm
 
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    if max_abs is not None and not max_abs >= 0:
+        raise DataError(f"max_abs must be >= 0 (0 disables the magnitude check), got {max_abs}")
     name = name or raws[0].name
     out = out.rstrip("/")
     stats, hetero = ChannelStats(), False
@@ -108,6 +130,7 @@ def write_dataset(raws: Sequence[RawInput], out: str, fmt: str = "parquet", *, n
         for s in raw.series:
             if not allow_nonfinite:
                 _check_finite(raw, s)
+            _check_magnitude(raw, s, max_abs)
             part = _train_part(raw, s)
             if part is not None and not hetero:
                 try:
@@ -172,7 +195,8 @@ def convert_tsv(paths: str | Sequence[str], out: str, fmt: str = "parquet", **kw
 
 
 def ensure_converted(source: str, cache_dir: str, fmt: str = "parquet", storage_options: Optional[dict] = None,
-                     retries: int = 3, progress: bool = False) -> str:
+                     retries: int = 3, progress: bool = False,
+                     timeout: Optional[float] = _fs.DEFAULT_IO_TIMEOUT) -> str:
     """Convert a raw file on first use; returns the manifest URL.
 
     The cache key is the file's content hash: `cache_dir/<name>/<sha256[:16]>-<format>/`, so an edited
@@ -181,13 +205,15 @@ def ensure_converted(source: str, cache_dir: str, fmt: str = "parquet", storage_
     if not is_raw(source):
         raise DataError(f"{source}: not a raw input file")
     try:
-        data = _fs.read_bytes(source, storage_options, retries=retries)
+        data = _fs.read_bytes(source, storage_options, retries=retries, timeout=timeout)
     except FileNotFoundError:
         raise DataError(f"data.source {source}: file not found") from None
+    except OSError as e:
+        raise DataError(f"data.source {e}" if str(e).startswith(source) else f"data.source {source}: {e}") from None
     key = hashlib.sha256(data).hexdigest()[:16]
     out = f"{cache_dir.rstrip('/')}/{stem(source)}/{key}-{fmt}"
     url = f"{out}/manifest.json"
-    if _fs.exists(url, storage_options):
+    if _fs.exists(url, storage_options, timeout):
         return url
     convert([source], out, fmt, storage_options=storage_options, progress=progress, retries=retries)
     return url
@@ -222,6 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--layout", default="auto", choices=["auto", "tc"],
                    help="npy/npz layout: auto ([N,C,L], [N,L], [T]) or tc (one [time, channels] series)")
     p.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/inf (the stream handles them)")
+    p.add_argument("--max-abs", type=float, default=DEFAULT_MAX_ABS,
+                   help="refuse finite values with |x| above this (default 1e10; 0 disables)")
     p.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option, repeatable (e.g. endpoint_url=http://host:9000, "
                         "client_kwargs.region_name=us-east-1)")
@@ -230,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         m = convert(a.inputs, a.out, a.format, name=a.name, shard_mb=a.shard_mb, shard_samples=a.shard_samples,
                     borders=a.borders, layout=a.layout, storage_options=_parse_options(a.storage_option),
-                    progress=not a.no_progress, allow_nonfinite=a.allow_nonfinite)
+                    progress=not a.no_progress, allow_nonfinite=a.allow_nonfinite, max_abs=a.max_abs)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,7 +49,8 @@ def _has_glob(s: str) -> bool:
 
 
 def scan_shards(urls: list[str], fmt: str = "auto", storage_options: Optional[dict] = None,
-                retries: int = 3, on_bad_sample: str = "error") -> dict:
+                retries: int = 3, on_bad_sample: str = "error", timeout: Optional[float] = _fs.DEFAULT_IO_TIMEOUT,
+                backoff: float = 0.2) -> dict:
     """An in-memory manifest for bare shard URLs (no manifest.json): reads every shard once to learn
     series shapes and per-channel statistics (all data counts as `train`). Prefer real manifests.
 
@@ -64,9 +65,11 @@ def scan_shards(urls: list[str], fmt: str = "auto", storage_options: Optional[di
     entries, stats, hetero = [], ChannelStats(), False
     for u in urls:
         try:
-            data = _fs.read_bytes(u, storage_options, retries=retries)
+            data = _fs.read_bytes(u, storage_options, retries=retries, backoff=backoff, timeout=timeout)
         except FileNotFoundError:
             raise DataError(f"shard {u}: not found") from None
+        except OSError as e:
+            raise DataError(f"shard {e}" if str(e).startswith(u) else f"shard {u}: {e}") from None
         try:
             shard = decode(u, data, fmt)
         except ShardError as e:
@@ -91,29 +94,35 @@ def scan_shards(urls: list[str], fmt: str = "auto", storage_options: Optional[di
 
 def resolve_manifest(source: str, *, fmt: str = "auto", cache_dir: str = "data/shards",
                      storage_options: Optional[dict] = None, retries: int = 3, backoff: float = 0.2,
-                     on_bad_sample: str = "error") -> dict:
+                     on_bad_sample: str = "error", timeout: Optional[float] = _fs.DEFAULT_IO_TIMEOUT) -> dict:
     """data.source -> manifest: a manifest .json; a folder holding manifest.json; shard URL(s) or a glob
     (scanned); or a raw file (.csv/.pt/.npy/.npz/.tsv) converted under cache_dir on first use."""
     so = storage_options or {}
     if is_raw(source):
-        url = ensure_converted(source, cache_dir, "parquet" if fmt == "auto" else fmt, so, retries)
-        return load_manifest(url, so, retries, backoff)
+        url = ensure_converted(source, cache_dir, "parquet" if fmt == "auto" else fmt, so, retries, timeout=timeout)
+        return load_manifest(url, so, retries, backoff, timeout)
     if source.endswith(".json"):
-        return load_manifest(source, so, retries, backoff)
-    if _has_glob(source):
-        return scan_shards(_fs.glob(source, so), fmt, so, retries, on_bad_sample)
-    if source.endswith((".parquet", ".pq", ".tar")):
-        return scan_shards([source], fmt, so, retries, on_bad_sample)
+        return load_manifest(source, so, retries, backoff, timeout)
     try:
-        is_dir = _fs.filesystem(source, so)[0].isdir(_fs.filesystem(source, so)[1])
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"data.source {source}: cannot be reached ({type(e).__name__}: {e})") from None
-    if is_dir:
-        m_url = source.rstrip("/") + "/manifest.json"
-        if _fs.exists(m_url, so):
-            return load_manifest(m_url, so, retries, backoff)
-        found = sorted(_fs.glob(source.rstrip("/") + "/*.parquet", so) + _fs.glob(source.rstrip("/") + "/*.tar", so))
-        return scan_shards(found, fmt, so, retries, on_bad_sample)
+        if _has_glob(source):
+            return scan_shards(_fs.glob(source, so, timeout), fmt, so, retries, on_bad_sample, timeout, backoff)
+        if source.endswith((".parquet", ".pq", ".tar")):
+            return scan_shards([source], fmt, so, retries, on_bad_sample, timeout, backoff)
+        try:
+            is_dir = _fs.isdir(source, so, timeout)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"data.source {source}: cannot be reached ({type(e).__name__}: {e})") from None
+        if is_dir:
+            m_url = source.rstrip("/") + "/manifest.json"
+            if _fs.exists(m_url, so, timeout):
+                return load_manifest(m_url, so, retries, backoff, timeout)
+            found = sorted(_fs.glob(source.rstrip("/") + "/*.parquet", so, timeout) +
+                           _fs.glob(source.rstrip("/") + "/*.tar", so, timeout))
+            return scan_shards(found, fmt, so, retries, on_bad_sample, timeout, backoff)
+    except OSError as e:
+        if "unreachable" not in str(e):
+            raise
+        raise DataError(f"data.source {source}: {e}") from None
     raise DataError(f"data.source {source}: not found (expected a manifest .json, a folder, shard URL/glob, "
                     f"or a .csv/.pt/.npy/.npz/.tsv file)")
 
@@ -382,7 +391,7 @@ def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, 
     cfg.validate()
     manifest = resolve_manifest(cfg.source, fmt=cfg.format, cache_dir=cfg.cache_dir,
                                 storage_options=cfg.storage_options, retries=cfg.retries, backoff=cfg.retry_backoff,
-                                on_bad_sample=cfg.on_bad_sample)
+                                on_bad_sample=cfg.on_bad_sample, timeout=cfg.io_timeout)
     if cfg.format != "auto" and manifest["format"] != cfg.format:
         raise DataError(f"data.format is {cfg.format!r} but {manifest.get('_url') or cfg.source} holds "
                         f"{manifest['format']!r} shards")
@@ -394,7 +403,8 @@ def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, 
                      infinite=cfg.infinite if infinite is None else infinite, rank=rank, world_size=world_size,
                      num_workers=cfg.num_workers, seed=seed, on_bad_sample=cfg.on_bad_sample,
                      retries=cfg.retries, backoff=cfg.retry_backoff, read_ahead=cfg.read_ahead,
-                     storage_options=cfg.storage_options, drop_last=drop_last, verify=cfg.verify_checksums)
+                     storage_options=cfg.storage_options, drop_last=drop_last, verify=cfg.verify_checksums,
+                     io_timeout=cfg.io_timeout)
     return StreamLoader(ds, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
 
 

@@ -92,13 +92,34 @@ def _infer_freq(pd, dates) -> Optional[str]:
     return getattr(f, "freqstr", f)
 
 
+def _first_text_cell(pd, df, cols) -> str:
+    """': column 'X' row 12 (file line 13) holds 'abc'' for the first cell that is not a number."""
+    for c in cols:
+        col = df[c]
+        try:
+            num = pd.to_numeric(col, errors="coerce")
+        except (TypeError, ValueError):
+            continue
+        hit = np.flatnonzero((col.notna() & num.isna()).to_numpy())
+        if len(hit):
+            i = int(hit[0])
+            return f": column {str(c)!r} row {i + 1} (file line {i + 2}) holds {str(col.iloc[i])!r}, not a number"
+    return ""
+
+
 def read_csv(path: str, data: bytes, borders: str = "auto") -> RawInput:
     import pandas as pd
 
+    if not data.strip():
+        raise DataError(f"{path}: empty file (no header, no rows)")
     try:
         df = pd.read_csv(io.BytesIO(data))
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (no header, no rows)") from None
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: not a readable CSV ({e})") from None
+    if len(df) == 0:  # checked first: a header-only file's columns have no numeric dtype either
+        raise DataError(f"{path}: no rows (header only: {[str(c) for c in df.columns]})")
     name = stem(path)
     date_col = next((c for c in df.columns if str(c).lower() in ("date", "time", "timestamp", "datetime")), None)
     start = freq = None
@@ -108,9 +129,12 @@ def read_csv(path: str, data: bytes, borders: str = "auto") -> RawInput:
         if len(dates) and not pd.isna(dates.iloc[0]):
             start = dates.iloc[0].isoformat()
             freq = _infer_freq(pd, dates.iloc[:100])
-    bad = [c for c in df.columns if not np.issubdtype(df[c].dtype, np.number)]
+    # pandas' own predicates: numpy's issubdtype raises on pandas extension dtypes (StringDtype, ...)
+    bad = [c for c in df.columns
+           if not pd.api.types.is_numeric_dtype(df[c].dtype) or pd.api.types.is_bool_dtype(df[c].dtype)]
     if bad:
-        raise DataError(f"{path}: non-numeric column(s) {bad}; expected a date column plus numeric channels")
+        raise DataError(f"{path}: non-numeric column(s) {[str(c) for c in bad]}"
+                        f"{_first_text_cell(pd, df, bad)}; expected a date column plus numeric channels")
     if df.shape[1] == 0 or len(df) == 0:
         raise DataError(f"{path}: no channels or no rows")
     values = df.to_numpy(dtype=np.float64).T  # [C, T]
@@ -285,6 +309,14 @@ def read_input(path: str, storage_options: Optional[dict] = None, borders: str =
         data = _fs.read_bytes(path, storage_options, retries=retries)
     except FileNotFoundError:
         raise DataError(f"{path}: input file not found") from None
+    if low.endswith(".gz"):  # archives ship gzipped (e.g. UCR's NAME_TRAIN.tsv.gz): read through it
+        import gzip
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: not a valid gzip file ({e})") from None
+        low = low[:-3]
     if low.endswith(".csv"):
         return read_csv(path, data, borders)
     if low.endswith((".pt", ".pth")):
@@ -299,4 +331,5 @@ def read_input(path: str, storage_options: Optional[dict] = None, borders: str =
 
 
 def is_raw(path: str) -> bool:
-    return path.lower().endswith(RAW_SUFFIXES)
+    low = path.lower()
+    return low.removesuffix(".gz").endswith(RAW_SUFFIXES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -321,9 +322,29 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Fields that the hashes below do not cover: the hashes themselves, the writer's tag, in-memory `_` keys.
+_UNHASHED = ("content_hash", "created_by", "header_hash", "shards_hash")
+# Fields derived from the shard list (covered by shards_hash, not by header_hash).
+_SHARD_FIELDS = ("shards", "samples", "points", "n_channels")
+
+
+def _canonical_hash(obj: Any) -> str:
+    return sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
 def content_hash(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k not in ("content_hash", "created_by")}
-    return sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    body = {k: v for k, v in manifest.items() if k not in _UNHASHED and not k.startswith("_")}
+    return _canonical_hash(body)
+
+
+def header_hash(manifest: dict) -> str:
+    """Hash of everything but the shard list: statistics, splits, channel names, format, source."""
+    return _canonical_hash({k: v for k, v in manifest.items()
+                            if k not in _UNHASHED and k not in _SHARD_FIELDS and not k.startswith("_")})
+
+
+def shards_hash(manifest: dict) -> str:
+    return _canonical_hash([manifest.get(k) for k in _SHARD_FIELDS])
 
 
 def shard_entry(url: str, records: list[Series], data: bytes, split: Optional[str]) -> dict:
@@ -341,8 +362,43 @@ def make_manifest(name: str, fmt: str, shards: list[dict], *, splits: dict, stat
          "freq": freq, "splits": splits, "stats": stats, "shards": shards,
          "samples": sum(s["samples"] for s in shards), "points": sum(s["points"] for s in shards)}
     m["content_hash"] = content_hash(m)
+    m["header_hash"], m["shards_hash"] = header_hash(m), shards_hash(m)
     m["created_by"] = "data_pipeline.convert"
     return m
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def verify_hashes(m: dict, url: str) -> None:
+    """Refuse a manifest edited after conversion (statistics, splits, ... or a garbled content_hash).
+
+    content_hash is what resumes compare, so it must describe this manifest. Manifests written by this
+    version also carry header_hash (everything but the shard list) and shards_hash (the shard list):
+    an edit of the header is always refused; an edit of only the shard list is left to the per-shard
+    checks on read (size, sha256, series shapes), which name the shard. Older manifests (no
+    header_hash) must match their content_hash exactly."""
+    def bad(problem: str) -> DataError:
+        return DataError(f"manifest {url}: {problem}; re-convert the data set (python -m "
+                         f"data_pipeline.convert) instead of editing its manifest")
+    ch = m.get("content_hash")
+    if ch is None:
+        return  # hand-written manifest without hashes: nothing to check against
+    if not isinstance(ch, str) or not _HEX64.fullmatch(ch):
+        raise bad(f"content_hash {ch!r} is not a sha256 hex digest (garbled)")
+    for k in ("header_hash", "shards_hash"):
+        if k in m and (not isinstance(m[k], str) or not _HEX64.fullmatch(m[k])):
+            raise bad(f"{k} {m[k]!r} is not a sha256 hex digest (garbled)")
+    actual = content_hash(m)
+    if "header_hash" not in m:
+        if actual != ch:
+            raise bad(f"content does not match its content_hash (stored {ch[:16]}..., computed "
+                      f"{actual[:16]}...): edited after conversion")
+        return
+    if header_hash(m) != m["header_hash"]:
+        raise bad("statistics/splits/metadata were edited after conversion (header_hash mismatch)")
+    if m.get("shards_hash") == shards_hash(m) and actual != ch:
+        raise bad(f"content_hash does not match the manifest (stored {ch[:16]}..., computed {actual[:16]}...)")
 
 
 def validate_manifest(m: Any, url: str) -> dict:
@@ -365,14 +421,19 @@ def validate_manifest(m: Any, url: str) -> dict:
                 raise bad(f"shard #{i} is missing {k!r}")
     if m.get("stats") is not None:
         st = m["stats"]
-        if len(st.get("mean", [])) != len(st.get("std", [])) or not st.get("mean"):
+        if not isinstance(st, dict) or len(st.get("mean") or []) != len(st.get("std") or []) or not st.get("mean"):
             raise bad("stats must hold equal-length 'mean' and 'std' lists")
+        mean, std = np.asarray(st["mean"], dtype=np.float64), np.asarray(st["std"], dtype=np.float64)
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            raise bad("stats must hold finite means and finite, positive standard deviations")
+    verify_hashes(m, url)
     return m
 
 
-def load_manifest(url: str, storage_options: Optional[dict] = None, retries: int = 3, backoff: float = 0.2) -> dict:
+def load_manifest(url: str, storage_options: Optional[dict] = None, retries: int = 3, backoff: float = 0.2,
+                  timeout: Optional[float] = _fs.DEFAULT_IO_TIMEOUT) -> dict:
     try:
-        raw = _fs.read_bytes(url, storage_options, retries=retries, backoff=backoff)
+        raw = _fs.read_bytes(url, storage_options, retries=retries, backoff=backoff, timeout=timeout)
     except FileNotFoundError:
         raise DataError(f"manifest {url}: not found") from None
     except OSError as e:

@@ -85,7 +85,8 @@ class ShardStream(IterableDataset):
                  infinite: bool = False,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  on_bad_sample: str = "error", retries: int = 3, backoff: float = 0.2, read_ahead: int = 2,
-                 storage_options: Optional[dict] = None, drop_last: bool = True, verify: bool = True):
+                 storage_options: Optional[dict] = None, drop_last: bool = True, verify: bool = True,
+                 io_timeout: Optional[float] = _fs.DEFAULT_IO_TIMEOUT):
         if seq_len < 1 or batch_size < 1 or stride < 1:
             raise DataError(f"seq_len, batch_size and stride must be >= 1 (got {seq_len}, {batch_size}, {stride})")
         if not 0 <= rank < world_size:
@@ -112,17 +113,20 @@ class ShardStream(IterableDataset):
         self.retries, self.backoff, self.read_ahead = retries, backoff, max(0, read_ahead)
         self.storage_options = storage_options or {}
         self.verify = verify
+        self.io_timeout = io_timeout
         self.epoch = 0
         self.resume: dict[int, tuple[int, int, int]] = {}
 
         shards: list[ShardWindows] = []
         self.plan_stats: Counter = Counter()
+        skipped: list[str] = []
         for i, entry in enumerate(manifest["shards"]):
             url = shard_url(manifest, entry)
             if entry["samples"] == 0 or not entry["shapes"]:
                 why = entry.get("bad") or f"shard {url}: empty shard (the manifest lists 0 series)"
                 if on_bad_sample == "skip":
                     self.plan_stats["bad_shards"] += 1
+                    skipped.append(why)
                     log.warning("data: skipped bad input: %s", why)
                     continue
                 raise ShardError(why)
@@ -131,9 +135,15 @@ class ShardStream(IterableDataset):
                 shards.append(sw)
                 self.plan_stats["skipped_short"] += sw.dropped_short
                 self.plan_stats["padded"] += sw.padded
+        if not shards and skipped and len(skipped) == len(manifest["shards"]):
+            # not "no shards hold the split": they may well hold it, but every one is bad
+            raise DataError(f"{self.url or 'data.source'}: all {len(skipped)} shard(s) were skipped as bad "
+                            f"(on_bad_sample: skip), nothing left to read: " + "; ".join(skipped[:3]) +
+                            (f"; ... ({len(skipped) - 3} more)" if len(skipped) > 3 else ""))
         if not shards:
             avail = (manifest.get("splits") or {}).get("available")
-            raise DataError(f"manifest {self.url}: no shards hold the {split!r} split (available: {avail})")
+            extra = f"; {len(skipped)} other shard(s) were skipped as bad: {skipped[0]}" if skipped else ""
+            raise DataError(f"manifest {self.url}: no shards hold the {split!r} split (available: {avail}){extra}")
         chans = {int(c) for s in shards for c in s.C}
         if not self.independent and len(chans) > 1:
             by_c: dict[int, str] = {}
@@ -174,7 +184,8 @@ class ShardStream(IterableDataset):
             retried[0] += 1
             log.warning("shard %s: transient error, retrying (%s: %s)", sw.url, type(e).__name__, e)
         try:
-            data = _fs.read_bytes(sw.url, self.storage_options, self.retries, self.backoff, on_retry)
+            data = _fs.read_bytes(sw.url, self.storage_options, self.retries, self.backoff, on_retry,
+                                  timeout=self.io_timeout)
         except FileNotFoundError:
             return self._bad_or_raise(shard_error(sw.url, "not found"))
         except OSError as e:

@@ -33,8 +33,15 @@ class SimMTMConfig:
     auto_weight: bool = True  # learnable sigma weighting; False sums the two losses
 
     def validate(self) -> None:
+        import math
+
+        for k in ("dropout", "attn_dropout", "temperature", "mask_ratio", "mask_lm"):  # NaN passes < / > checks
+            if not math.isfinite(getattr(self, k)):
+                raise ValueError(f"{k} must be a finite number, got {getattr(self, k)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.seq_len > 65536:  # a sanity bound: attention over L tokens; the data bounds it further
+            raise ValueError(f"seq_len must be <= 65536, got {self.seq_len}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if not 0.0 < self.mask_ratio < 1.0:

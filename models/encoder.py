@@ -72,6 +72,8 @@ class Encoder(nn.Module):
         if cfg.encoder == "pointwise":
             # Value embedding of the reference: a circular 3-tap convolution over the series.
             self.embed = nn.Conv1d(1, cfg.d_model, kernel_size=3, padding=1, padding_mode="circular", bias=False)
+            # the reference's init (std sqrt(2/3), ~2.4x PyTorch's default): token scale vs positions
+            nn.init.kaiming_normal_(self.embed.weight, mode="fan_in", nonlinearity="leaky_relu")
         else:
             self.embed = nn.Linear(cfg.patch_len, cfg.d_model)
         self.register_buffer("pos", sinusoidal_positions(self.num_tokens, cfg.d_model), persistent=False)

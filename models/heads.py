@@ -25,15 +25,20 @@ class ForecastHead(nn.Module):
 
 
 class ClassifyHead(nn.Module):
-    """Mean-pool tokens and channels, then linear to classes."""
+    """Tokens -> class logits, averaged over channels. `pool="flatten"`: the flattened [T*d] tokens, the
+    representation SimMTM's projector and aggregation read in pre-training; `"mean"`: mean over tokens."""
 
-    def __init__(self, d_model: int, num_classes: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, num_classes: int, dropout: float = 0.0, pool: str = "flatten",
+                 num_tokens: int = 1):
         super().__init__()
+        if pool not in ("flatten", "mean"):
+            raise ValueError(f"pool must be flatten or mean, got {pool!r}")
+        self.pool = pool
         self.drop = nn.Dropout(dropout)
-        self.linear = nn.Linear(d_model, num_classes)
+        self.linear = nn.Linear(d_model * (num_tokens if pool == "flatten" else 1), num_classes)
 
     def forward(self, z: torch.Tensor, channels: int) -> torch.Tensor:
-        pooled = z.mean(1)  # [B*C, d]
+        pooled = z.flatten(1) if self.pool == "flatten" else z.mean(1)  # [B*C, T*d] or [B*C, d]
         pooled = pooled.view(-1, channels, pooled.shape[-1]).mean(1)
         return self.linear(self.drop(pooled))
 
@@ -57,10 +62,10 @@ class Forecaster(nn.Module):
 class Classifier(nn.Module):
     """[B, C, L] -> [B, classes] logits."""
 
-    def __init__(self, encoder: Encoder, num_classes: int, dropout: float = 0.0):
+    def __init__(self, encoder: Encoder, num_classes: int, dropout: float = 0.0, pool: str = "flatten"):
         super().__init__()
         self.encoder = encoder
-        self.head = ClassifyHead(encoder.cfg.d_model, num_classes, dropout)
+        self.head = ClassifyHead(encoder.cfg.d_model, num_classes, dropout, pool, encoder.num_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, length = x.shape

@@ -77,8 +77,24 @@ def save_pretrained(model: SimMTM, folder: str, extra: Optional[dict] = None, in
     write_bytes(join(folder, CONFIG), json.dumps(config, indent=2).encode(), storage_options)
 
 
+BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"  # models shipped with the repository
+
+
+def resolve(folder: str) -> str:
+    """A published folder/URL as given, or the name of a bundled model (`checkpoints/<name>/`)."""
+    folder = str(folder)
+    if _is_url(folder) or Path(folder).exists() or "/" in folder.strip("/"):
+        return folder
+    bundled = BUNDLED / folder
+    if (bundled / CONFIG).exists():
+        return str(bundled)
+    return folder
+
+
 def load_state(folder: str, storage_options: Optional[dict] = None) -> tuple[SimMTMConfig, dict, dict]:
-    """(architecture, fp32 state dict, the whole config.json) with clear errors for bad files."""
+    """(architecture, fp32 state dict, the whole config.json) with clear errors for bad files.
+    `folder`: a local folder, an fsspec URL, or a bundled model's name (see `resolve`)."""
+    folder = resolve(folder)
     cfg_path, w_path = join(folder, CONFIG), join(folder, WEIGHTS)
     try:
         config = json.loads(read_bytes(cfg_path, storage_options))
@@ -105,7 +121,9 @@ def load_state(folder: str, storage_options: Optional[dict] = None) -> tuple[Sim
 
 
 def load_pretrained(folder: str, storage_options: Optional[dict] = None) -> Encoder:
-    """Rebuild the pre-trained encoder from a published folder (local path or URL)."""
+    """Rebuild the pre-trained encoder from a published folder (local path or URL) or a bundled model's
+    name. Input [N, L] univariate series (instance-normalised as in pre-training) -> [N, T, d] tokens."""
+    folder = resolve(folder)
     cfg, state, _ = load_state(folder, storage_options)
     enc = Encoder(cfg)
     prefix = "encoder."
@@ -119,6 +137,7 @@ def load_pretrained(folder: str, storage_options: Optional[dict] = None) -> Enco
 
 def load_simmtm(folder: str, storage_options: Optional[dict] = None) -> SimMTM:
     """The whole pre-training model (needs a folder published with the heads)."""
+    folder = resolve(folder)
     cfg, state, _ = load_state(folder, storage_options)
     model = SimMTM(cfg)
     try:

@@ -71,15 +71,16 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 class Projector(nn.Module):
     """Point-wise representations [N, T*d] -> series-wise representation [N, h] (reference MLP)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         hidden = max(in_dim // 2, 1)
         self.fc1 = nn.Linear(in_dim, hidden)
         self.bn = GlobalBatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
+        self.drop = nn.Dropout(dropout)  # the authors' dropout after the last layer (their head_dropout)
 
     def forward(self, z: torch.Tensor, reduce=None) -> torch.Tensor:
-        return self.fc2(torch.relu(self.bn(self.fc1(z), reduce)))
+        return self.drop(self.fc2(torch.relu(self.bn(self.fc1(z), reduce))))
 
 
 class Decoder(nn.Module):
@@ -153,7 +154,7 @@ class SimMTM(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         flat = cfg.num_tokens * cfg.d_model
-        self.projector = Projector(flat, cfg.proj_dim)
+        self.projector = Projector(flat, cfg.proj_dim, cfg.dropout)
         self.decoder = Decoder(flat, cfg.seq_len, cfg.dropout)
         self.awl = AutomaticWeightedLoss(2)
         self.dense_bytes = None  # None: models.blockwise.DENSE_BYTES decides dense vs blockwise

@@ -121,8 +121,76 @@ def test_linear_probe_leaves_encoder_unchanged():
     assert all(torch.equal(model.encoder.state_dict()[k], ref[k]) for k in ref)
     assert r["steps"] > 0
     torch.manual_seed(2024)
-    full = _fit(_synthetic(2, 16), "train.epochs=1")["_model"]
+    full = _fit(_synthetic(2, 16), "train.epochs=1", "task.head_warmup_epochs=0")["_model"]
     assert not all(torch.equal(full.encoder.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_head_warmup_keeps_encoder_then_trains_it(monkeypatch):
+    """LP-FT: during the head warm-up the encoder's rate is exactly 0 (weights bitwise unchanged) while
+    the head learns; after it the encoder trains too. Snapshots are taken at each epoch's validation."""
+    from models import Encoder
+    import trainer.finetune as ftm
+    torch.manual_seed(2023)
+    ref = {k: v.clone() for k, v in Encoder(TINY_MODEL).state_dict().items()}
+    snaps, real = [], ftm.evaluate
+
+    def spy(model, split, *a, **k):
+        if split is not None and len(snaps) < 2:
+            snaps.append(({k: v.clone() for k, v in model.encoder.state_dict().items()},
+                          {k: v.clone() for k, v in model.head.state_dict().items()}))
+        return real(model, split, *a, **k)
+    monkeypatch.setattr(ftm, "evaluate", spy)
+    _fit(_synthetic(2, 16), "train.epochs=2", "task.head_warmup_epochs=1", "task.patience=5")
+    (enc0, head0), (enc1, head1) = snaps[0], snaps[1]
+    assert all(torch.equal(enc0[k], ref[k]) for k in ref)  # epoch 0: encoder untouched
+    assert not all(torch.equal(enc1[k], ref[k]) for k in ref)  # epoch 1: encoder trained
+    assert not all(torch.equal(head0[k], head1[k]) for k in head0)
+
+
+def test_lr_schedule_per_step():
+    from trainer.config import OptimConfig
+    from trainer.engine import warmup_cosine
+    from trainer.finetune import TaskConfig, lr_schedule
+
+    opt = OptimConfig(lr=1e-4, warmup_steps=2, min_lr_ratio=0.1)
+    (enc, head), join = lr_schedule(TaskConfig(head_warmup_epochs=2, encoder_lr_mult=0.5), opt, 5, 30)
+    assert join == 10
+    assert [enc(s) for s in range(10)] == [0.0] * 10  # linear probe phase
+    assert [head(s) for s in range(30)] == [warmup_cosine(s, 30, 2, 0.1) for s in range(30)]
+    assert [enc(s) for s in range(10, 30)] == [warmup_cosine(s - 10, 20, 2, 0.1) for s in range(10, 30)]
+    assert enc(10) == 0.0 and enc(11) == 0.5 and 0.99 < enc(12) <= 1.0  # the encoder's own warm-up restarts
+    # the authors' schedule as their code runs: epoch 0 at lr/25, then lr halving per epoch
+    (enc, head), join = lr_schedule(TaskConfig(schedule="authors", head_warmup_epochs=0), opt, 4, 40)
+    want = [1 / 25, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
+    assert join == 0 and [head(4 * e + i) for e in range(10) for i in range(4)] == [w for w in want for _ in range(4)]
+    assert [enc(s) for s in range(40)] == [head(s) for s in range(40)]
+    (enc, head), _ = lr_schedule(TaskConfig(mode="linear_probe"), opt, 4, 40)
+    assert all(enc(s) == 0.0 for s in range(40)) and head(5) > 0
+    # a run too short for both phases fine-tunes fully; the authors' schedule has no head phase
+    assert lr_schedule(TaskConfig(head_warmup_epochs=2), opt, 5, 10)[1] == 0
+    assert lr_schedule(TaskConfig(schedule="authors", head_warmup_epochs=2), opt, 5, 40)[1] == 0
+
+
+def test_engine_applies_group_rates():
+    """The optimizer really runs the encoder at encoder_lr_mult x lr with the per-group multipliers."""
+    from trainer.finetune import FinetuneConfig
+    from trainer.engine import build_engine
+    from trainer.config import load_config
+    from models import Encoder
+    from models.heads import Forecaster
+
+    cfg = load_config(None, ["optim.lr=0.01", "optim.warmup_steps=1"], cls=FinetuneConfig)
+    model = Forecaster(Encoder(TINY_MODEL), 4)
+    groups = [{"params": list(model.encoder.parameters()), "lr": 0.01 * 0.3},
+              {"params": list(model.head.parameters()), "lr": 0.01}]
+    eng, _ = build_engine(model, cfg, torch.device("cpu"), 10, param_groups=groups,
+                          lr_lambda=[lambda s: 0.0 if s < 2 else 1.0, lambda s: 1.0])
+    seen = []
+    for _ in range(4):
+        seen.append(eng.get_lr())
+        eng.backward(model(torch.randn(2, 1, 48)).pow(2).mean())
+        eng.step()
+    assert seen == [[0.0, 0.01], [0.0, 0.01], [0.003, 0.01], [0.003, 0.01]]
 
 
 def _ucr_uea(tmp_path):
@@ -149,3 +217,16 @@ def test_classify_ucr_tsv_and_uea_ts_folders(tmp_path):
         r = finetune(cfg_of("init=random", "task.kind=classify", f"data.source={root}", *arch, *TINY_FT))
         assert r["num_classes"] == 2 and r["n_test"] == 12 and r["n_train"] + r["n_val"] == 24, r
         assert 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_linear_probe_under_deepspeed_zero2(tmp_path):
+    """A frozen encoder contributes no optimizer group: ZeRO partitions only trainable groups and
+    fails on an empty one. The probe must run under DeepSpeed ZeRO-2 and leave the encoder untouched."""
+    from models import Encoder
+    torch.manual_seed(2023)
+    ref = {k: v.clone() for k, v in Encoder(TINY_MODEL).state_dict().items()}
+    r = _fit(_synthetic(2, 16), "task.mode=linear_probe", "train.epochs=1", "dist.deepspeed=true",
+             "dist.zero_stage=2")
+    assert r["engine"] == "deepspeed" and r["steps"] > 0
+    enc = r["_model"].encoder.state_dict()
+    assert all(torch.equal(enc[k], ref[k]) for k in ref)

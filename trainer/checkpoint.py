@@ -7,6 +7,8 @@ Layout of `<ckpt.dir>/checkpoints/`:
         rank{r}.json              per rank: RNG states (torch, numpy, python, mask generator), data stream
         COMPLETE                  written last, after every rank finished: the sha256 of every file
     latest                        the tag of the newest complete checkpoint (atomic rename)
+    best                          with validation on: the tag of the complete checkpoint with the lowest
+                                  validation loss (atomic rename); rotation (`keep`) never deletes it
 
 `latest` moves only after a complete save, so a crash mid-save leaves the previous checkpoint as
 the one `resume=auto` picks. Loading never unpickles arbitrary objects: DeepSpeed's own files go
@@ -34,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
 
-LATEST, COMPLETE, STATE = "latest", "COMPLETE", "state.json"
+LATEST, BEST, COMPLETE, STATE = "latest", "best", "COMPLETE", "state.json"
 
 
 class CheckpointError(RuntimeError):
@@ -146,6 +148,39 @@ def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
     return tag
 
 
+def _write_pointer(path: Path, tag: str) -> None:
+    """Crash-safe pointer update: write a temporary file, fsync, rename over the pointer."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def best_tag(ckpt_dir: str | Path) -> Optional[str]:
+    """The tag `best` names (None when the run never validated)."""
+    d = Path(ckpt_dir)
+    p = d / BEST
+    if not p.exists():
+        return None
+    tag = p.read_text().strip()
+    if not (d / tag / COMPLETE).exists():
+        raise CheckpointError(f"{p} names {tag}, which is not a complete checkpoint")
+    return tag
+
+
+def set_best(ckpt_dir: str | Path, tag: Optional[str]) -> None:
+    """Point `best` at a complete checkpoint (None removes the pointer). Rank 0 only, not collective."""
+    d = Path(ckpt_dir)
+    if tag is None:
+        (d / BEST).unlink(missing_ok=True)
+        return
+    if not (d / tag / COMPLETE).exists():
+        raise CheckpointError(f"{d / tag}: not a complete checkpoint, cannot be named best")
+    _write_pointer(d / BEST, tag)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -189,8 +224,10 @@ def read_state(ckpt_dir: str | Path, tag: str) -> dict:
 
 # ----------------------------------------------------------------------------- save / load
 
-def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, keep: int) -> Path:
-    """Collective: every rank calls it with its own `per_rank` state."""
+def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, keep: int,
+         best: bool = False) -> Path:
+    """Collective: every rank calls it with its own `per_rank` state. `best`: this checkpoint becomes
+    the one `best` names (after it is complete, like `latest`)."""
     d = Path(ckpt_dir)
     tag = tag_for(step)
     folder = d / tag
@@ -219,15 +256,14 @@ def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, 
     dist.barrier()
     if rank == 0:
         _write_json(folder / COMPLETE, {"step": step, "sha256": _digests(folder)})
-        tmp = d / (LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / LATEST)  # the pointer moves only now, atomically
+        _write_pointer(d / LATEST, tag)  # the pointer moves only now, atomically
+        if best:
+            _write_pointer(d / BEST, tag)
         # Keep the newest `keep` complete checkpoints, counting this one whatever its step (after a
-        # rollback an older-numbered checkpoint is the latest).
-        others = sorted(p for p in d.glob("step_????????") if p.is_dir() and p.name != tag and (p / COMPLETE).exists())
+        # rollback an older-numbered checkpoint is the latest), and always the one `best` names.
+        keep_best = (d / BEST).read_text().strip() if (d / BEST).exists() else None
+        others = sorted(p for p in d.glob("step_????????") if p.is_dir() and p.name not in (tag, keep_best)
+                        and (p / COMPLETE).exists())
         for old in others[:max(0, len(others) - (keep - 1))] if keep > 0 else []:
             (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
@@ -324,12 +360,14 @@ def load_rank_state(ckpt_dir: str | Path, tag: str, rank: int) -> dict:
 
 # ----------------------------------------------------------------------------- remote mirror
 
-def upload(folder: Path, remote: str, storage_options: Optional[dict], local_rank: int, keep: int = 0) -> None:
+def upload(folder: Path, remote: str, storage_options: Optional[dict], local_rank: int, keep: int = 0,
+           best: Optional[str] = None) -> None:
     """Mirror a complete local checkpoint to `remote` (any fsspec URL) and keep its newest `keep`. Collective.
 
     Staging may be node-local, so each node's local rank 0 uploads the files its node wrote; the
     COMPLETE marker and then the remote `latest` go up last, from rank 0, after every node is done:
-    the remote `latest` too only ever names a complete checkpoint.
+    the remote `latest` too only ever names a complete checkpoint. `best` (a tag already uploaded,
+    possibly this one) goes up as the remote `best` pointer and is never pruned.
     """
     from data_pipeline.fs import filesystem, retrying
 
@@ -350,10 +388,12 @@ def upload(folder: Path, remote: str, storage_options: Optional[dict], local_ran
             return
         retrying(lambda: fs.pipe_file(f"{base}/{tag}/{COMPLETE}", (folder / COMPLETE).read_bytes()), "upload marker")
         retrying(lambda: fs.pipe_file(f"{base}/{LATEST}", tag.encode()), "upload latest")
+        if best is not None:
+            retrying(lambda: fs.pipe_file(f"{base}/{BEST}", best.encode()), "upload best")
         if keep > 0:
             fs.invalidate_cache()
             tags = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
-            others = [t for t in tags if len(t) == len(tag) and t.startswith("step_") and t != tag]
+            others = [t for t in tags if len(t) == len(tag) and t.startswith("step_") and t not in (tag, best)]
             for old in others[:max(0, len(others) - (keep - 1))]:
                 if fs.exists(f"{base}/{old}/{COMPLETE}"):  # the marker first: never a half-deleted "complete" one
                     retrying(lambda old=old: fs.rm_file(f"{base}/{old}/{COMPLETE}"), f"prune {old}")

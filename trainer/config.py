@@ -34,6 +34,31 @@ class OptimConfig:
     warmup_steps: int = 1  # linear from 0; DeepSpeed's WarmupCosineLR needs >= 1
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 0.0  # 0 disables clipping
+    # warmup_cosine: linear warmup (warmup_steps), then cosine over the run, per step (DeepSpeed's
+    # WarmupCosineLR). epoch_cosine: the authors' pre-training schedule, constant within an epoch and
+    # cosine over epochs down to lr * min_lr_ratio, no warmup (with train.max_steps: over
+    # ceil(max_steps / steps_per_epoch) epochs).
+    schedule: Literal["warmup_cosine", "epoch_cosine"] = "warmup_cosine"
+
+    def validate(self) -> None:
+        import math
+
+        for k in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):  # NaN/inf pass every < / > check
+            if not math.isfinite(getattr(self, k)):
+                raise ValueError(f"{k} must be a finite number, got {getattr(self, k)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for i, b in enumerate(self.betas):
+            if not (math.isfinite(b) and 0.0 <= b < 1.0):
+                raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -47,6 +72,28 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # Validation loss every K optimizer steps (and at the last step); 0 = off. The same data.source,
+    # split `val_split`, not shuffled: the first `val_batches` batches (per rank: its share of them),
+    # masked with a fixed seed, so every validation scores exactly the same windows and views.
+    val_every: int = 0
+    val_batches: int = 8
+    val_split: Literal["train", "val", "test"] = "val"
+
+    def validate(self) -> None:
+        for k in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("epochs", "max_steps", "num_threads"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("epochs and max_steps are both 0: nothing to train (set epochs >= 1 or max_steps >= 1)")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's seeding range; torch and DeepSpeed accept it too
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0 (0 = off), got {self.val_every}")
+        if self.val_batches < 1:
+            raise ValueError(f"val_batches must be >= 1, got {self.val_batches}")
 
 
 @dataclass
@@ -57,6 +104,14 @@ class DistConfig:
     zero_stage: int = -1  # -1 keeps the JSON's value
     global_constraint: bool = True  # all-gather series representations for the constraint loss
     global_aggregation: bool = False  # aggregate over the global batch (gathers point-wise values too)
+
+    def validate(self) -> None:
+        if self.zero_stage not in (-1, 0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be -1 (keep the JSON's value), 0, 1, 2 or 3, got {self.zero_stage}")
+        if not self.backend:
+            raise ValueError("backend must be auto or a torch.distributed backend (nccl, gloo, ...)")
+        if not self.ds_config:
+            raise ValueError("ds_config must name a DeepSpeed JSON file")
 
 
 @dataclass
@@ -69,12 +124,30 @@ class CheckpointConfig:
     storage_options: dict = field(default_factory=dict)  # fsspec options for `remote` and `publish` URLs
     publish: str = ""  # publish the final checkpoint to this folder/URL at the end of the run
     publish_heads: bool = True  # include projector and decoder in the published weights
+    # which checkpoint `publish` gets: best = the one with the lowest validation loss (the `best`
+    # pointer, kept whatever ckpt.keep) when the run validated (train.val_every > 0), else the last;
+    # last = always the final checkpoint
+    publish_from: Literal["best", "last"] = "best"
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0 (0 saves only at the end), got {self.every}")
+        if self.keep < 0:
+            raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {self.keep}")
+        if not self.dir:
+            raise ValueError("dir must name the run folder")
+        if not self.resume:
+            raise ValueError("resume must be none, auto or a checkpoint folder")
 
 
 @dataclass
 class LogConfig:
     tensorboard: bool = True
     image_every: int = 100
+
+    def validate(self) -> None:
+        if self.image_every < 0:
+            raise ValueError(f"image_every must be >= 0, got {self.image_every}")
 
 
 @dataclass

@@ -29,6 +29,21 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return max(0.0, min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def epoch_cosine(step: int, steps_per_epoch: int, epochs: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier constant within an epoch, cosine over epochs: the authors' pre-training schedule
+    (CosineAnnealingLR with T_max = epochs, stepped once per epoch)."""
+    epoch = step // max(1, steps_per_epoch)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(1, epochs)))
+
+
+def authors_finetune(step: int, steps_per_epoch: int) -> float:
+    """LR multiplier of the authors' fine-tuning as it runs: the first epoch at OneCycleLR's initial
+    rate (max_lr / 25, the scheduler is built but never stepped), then `adjust_learning_rate` type1,
+    halving per epoch from the full rate."""
+    epoch = step // max(1, steps_per_epoch)
+    return 1.0 / 25.0 if epoch == 0 else 0.5 ** (epoch - 1)
+
+
 def deepspeed_config(cfg: Config, total_steps: int) -> dict:
     """The JSON named by dist.ds_config with every "auto" entry filled from the training config."""
     path = _resolve(cfg.dist.ds_config)
@@ -71,18 +86,20 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict:
 class PlainEngine:
     """Single-process PyTorch: Adam, warmup-cosine, clipping, accumulation; same knobs as DeepSpeed."""
 
-    def __init__(self, model: torch.nn.Module, ds: dict, device: torch.device):
+    def __init__(self, model: torch.nn.Module, ds: dict, device: torch.device, params=None, lr_lambda=None):
         self.module = model.to(device)
         p = ds["optimizer"]["params"]
         if ds["optimizer"]["type"].lower() not in ("adam", "adamw"):
             raise ValueError(f"optimizer {ds['optimizer']['type']!r}: the plain engine supports Adam/AdamW")
         cls = torch.optim.AdamW if ds["optimizer"]["type"].lower() == "adamw" else torch.optim.Adam
-        self.optimizer = cls(model.parameters(), lr=p["lr"], betas=tuple(p.get("betas", (0.9, 0.999))),
-                             eps=p.get("eps", 1e-8), weight_decay=p.get("weight_decay", 0.0))
-        sp = ds["scheduler"]["params"]
-        total, warm, floor = sp["total_num_steps"], sp.get("warmup_num_steps", 0), sp.get("cos_min_ratio", 0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, total, warm, floor))
+        self.optimizer = cls(model.parameters() if params is None else params, lr=p["lr"],
+                             betas=tuple(p.get("betas", (0.9, 0.999))), eps=p.get("eps", 1e-8),
+                             weight_decay=p.get("weight_decay", 0.0))
+        if lr_lambda is None:
+            sp = ds["scheduler"]["params"]
+            total, warm, floor = sp["total_num_steps"], sp.get("warmup_num_steps", 0), sp.get("cos_min_ratio", 0.0)
+            lr_lambda = lambda s: warmup_cosine(s, total, warm, floor)  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
         self.accum = int(ds.get("gradient_accumulation_steps", 1))
         self.micro = 0
@@ -121,15 +138,22 @@ class PlainEngine:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, total_steps: int,
-                 load_universal: bool = False):
+                 load_universal: bool = False, param_groups: list[dict] | None = None, lr_lambda=None):
+    """`param_groups`: torch optimizer groups (e.g. an encoder group with its own lr); `lr_lambda`: a
+    step -> multiplier function, or one per group, replacing the JSON's warmup-cosine schedule."""
     ds = deepspeed_config(cfg, total_steps)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
+    params = param_groups if param_groups is not None else [p for p in model.parameters()]
     if not cfg.dist.deepspeed:
         if cfg.train.precision != "fp32":
             raise ValueError("train.precision bf16/fp16 needs dist.deepspeed=true (DeepSpeed manages mixed precision)")
-        return PlainEngine(model, ds, device), ds
+        return PlainEngine(model, ds, device, params, lr_lambda), ds
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=ds)
+    scheduler = None
+    if lr_lambda is not None:  # a client schedule: DeepSpeed steps it after every optimizer step
+        ds.pop("scheduler", None)
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds, lr_scheduler=scheduler)
     return engine, ds

@@ -260,8 +260,30 @@ def main(argv: Optional[list[str]] = None) -> None:
         a = ap.parse_args(argv[1:])
         report(a.results, a.json, a.md)
         return
+    report_only = "--report" in argv
+    argv = [a for a in argv if a != "--report"]
     path, overrides = split_cli(argv)
+    if path is not None and _is_suite(path):  # a foundation suite: many sets x regimes x seeds, in-process
+        from trainer import suite
+
+        cfg = load_config(path, overrides, cls=suite.SuiteConfig)
+        if report_only:
+            out = _repo_path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
+            print(suite.markdown(load_records(out / "results.json"), cfg))
+        else:
+            suite.run(cfg)
+        return
     run(load_config(path, overrides, cls=EvalConfig))
+
+
+def _is_suite(path: str) -> bool:
+    import yaml
+
+    p = _repo_path(path) if not Path(path).exists() else Path(path)
+    try:
+        return (yaml.safe_load(p.read_text()) or {}).get("kind") == "foundation"
+    except (OSError, yaml.YAMLError):
+        return False  # load_config names the problem
 
 
 if __name__ == "__main__":

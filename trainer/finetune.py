@@ -45,13 +45,29 @@ class TaskConfig:
     horizon: int = 96  # forecast steps H (any positive value)
     mode: Literal["full", "linear_probe"] = "full"  # linear_probe: frozen encoder, only the head trains
     label_fraction: float = 1.0  # share of the training split used, drawn reproducibly (seeded by train.seed)
-    head_dropout: float = 0.2  # the authors' fine-tuning dropout, on the head ...
-    dropout: Optional[float] = 0.2  # ... and in the encoder (None: keep the checkpoint's pre-training value)
+    head_dropout: float = 0.1  # the authors' forecasting-head dropout (their head_dropout)
+    dropout: Optional[float] = 0.2  # the authors' encoder dropout (None: keep the checkpoint's pre-training value)
+    # LP-FT: for the first `head_warmup_epochs` epochs only the new head trains (the encoder's learning
+    # rate is 0 and its dropout off: a linear probe), then the whole model, the encoder at
+    # `encoder_lr_mult` x optim.lr. Keeps pre-trained features from being disturbed by a random head.
+    head_warmup_epochs: int = 1
+    encoder_lr_mult: float = 0.25  # measured best on validation for pre-trained encoders (bench/lpft_defaults.py)
+    # cosine: optim.warmup_steps linear warm-up then cosine to optim.min_lr_ratio (the encoder's phase
+    # restarts the warm-up when it joins); authors: the authors' schedule as their code runs it (first
+    # epoch at optim.lr / 25, then optim.lr halving every epoch), per epoch for encoder and head alike,
+    # with no head warm-up (head_warmup_epochs does not apply).
+    schedule: Literal["cosine", "authors"] = "cosine"
     patience: int = 3  # early stopping: epochs without a better validation score
-    val_stride: int = 1  # stride of validation windows (budget runs); the test split always uses stride 1
+    val_stride: int = 1  # stride of validation windows (budget runs)
+    # stride of test windows: 1 (every window, the standard) unless a budget harness subsamples them
+    test_stride: int = 1
     eval_batch_size: int = 64
     fit_length: Literal["error", "interpolate"] = "error"  # classification series whose length != seq_len
+    # classification head: flatten the tokens (what pre-training's projector reads) or mean-pool them
+    pool: Literal["flatten", "mean"] = "flatten"
     val_fraction: float = 0.2  # classification sets without a validation file: carved (stratified) from train
+    # false: stop after selection without touching the test split (for choosing settings on validation)
+    evaluate_test: bool = True
 
     def validate(self) -> None:
         if self.horizon < 1:
@@ -62,10 +78,14 @@ class TaskConfig:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.patience < 1 or self.val_stride < 1 or self.eval_batch_size < 1:
-            raise ValueError("patience, val_stride and eval_batch_size must be >= 1")
+        if self.patience < 1 or self.val_stride < 1 or self.test_stride < 1 or self.eval_batch_size < 1:
+            raise ValueError("patience, val_stride, test_stride and eval_batch_size must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.head_warmup_epochs < 0:
+            raise ValueError(f"head_warmup_epochs must be >= 0, got {self.head_warmup_epochs}")
+        if not self.encoder_lr_mult >= 0.0:
+            raise ValueError(f"encoder_lr_mult must be >= 0, got {self.encoder_lr_mult}")
 
 
 def _ft_optim() -> OptimConfig:
@@ -132,9 +152,10 @@ def _stream_windows(cfg: DataConfig, split: str, seq_len: int, horizon: int, str
 
 
 def forecast_data(cfg: FinetuneConfig, seq_len: int) -> dict[str, Split]:
-    """train (data.window_stride), val (task.val_stride) and test (stride 1), z-scored on train stats."""
+    """train (data.window_stride), val (task.val_stride) and test (task.test_stride, default every
+    window), z-scored on train stats."""
     dc, h = replace(cfg.data, source=_resolve(cfg.data.source)), cfg.task.horizon
-    strides = {"train": dc.window_stride, "val": cfg.task.val_stride, "test": 1}
+    strides = {"train": dc.window_stride, "val": cfg.task.val_stride, "test": cfg.task.test_stride}
     out = {}
     for split, stride in strides.items():
         try:
@@ -204,11 +225,11 @@ def classify_data(cfg: FinetuneConfig) -> dict[str, Split]:
         else:
             raise DataError(f"{root}: train.pt without test.pt or val.pt")
     else:
-        ext = ".tsv" if list(root.glob("*_TRAIN.tsv")) else ".ts"
+        ext = next((e for e in (".tsv", ".tsv.gz", ".ts", ".ts.gz") if list(root.glob(f"*_TRAIN{e}"))), ".ts")
         trains, tests = sorted(root.glob(f"*_TRAIN{ext}")), sorted(root.glob(f"*_TEST{ext}"))
         if len(trains) != 1 or len(tests) != 1:
             raise DataError(f"{root}: expected train.pt (TF-C), or one NAME_TRAIN.tsv + NAME_TEST.tsv (UCR), "
-                            f"or one NAME_TRAIN.ts + NAME_TEST.ts (UEA)")
+                            f"or one NAME_TRAIN.ts + NAME_TEST.ts (UEA), optionally gzipped (.gz)")
         tr, te, va = _load_archive(trains[0]), _load_archive(tests[0]), None  # labels remapped in finetune()
     if va is None:
         tr, va = _carve_val(*tr, cfg.task.val_fraction, seed)
@@ -262,7 +283,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Mod
     if cfg.task.kind == "forecast":
         model = Forecaster(encoder, cfg.task.horizon, cfg.task.head_dropout)
     else:
-        model = Classifier(encoder, num_classes, cfg.task.head_dropout)
+        model = Classifier(encoder, num_classes, cfg.task.head_dropout, cfg.task.pool)
     if cfg.task.mode == "linear_probe":
         encoder.requires_grad_(False)
     return model, arch
@@ -306,10 +327,39 @@ def _score(kind: str, m: dict) -> tuple:
     return tuple(math.inf if v != v else v for v in score)
 
 
-def _set_train_mode(model: torch.nn.Module, mode: str) -> None:
+def _set_train_mode(model: torch.nn.Module, mode: str, probing: bool = False) -> None:
     model.train()
-    if mode == "linear_probe":
+    if mode == "linear_probe" or probing:
         model.encoder.eval()  # a frozen encoder also keeps dropout off: a true feature extractor
+
+
+def lr_schedule(task: TaskConfig, optim, steps_per_epoch: int, total: int) -> tuple[list, int]:
+    """Per-group step -> LR multiplier functions [encoder, head], and the step the encoder joins.
+
+    During the head warm-up (LP-FT's linear-probe phase) the encoder's multiplier is exactly 0, so
+    Adam leaves its weights untouched whatever the engine or ZeRO stage."""
+    from trainer.engine import authors_finetune, warmup_cosine
+
+    # the authors' schedule has no separate head phase: its first epoch runs head and encoder at lr / 25
+    warmup_epochs = 0 if task.schedule == "authors" else task.head_warmup_epochs
+    join = 0 if task.mode == "linear_probe" else warmup_epochs * steps_per_epoch
+    if join >= total:  # a run too short for a head phase and a full phase: full fine-tuning throughout
+        join = 0
+    warm, floor = max(1, optim.warmup_steps), optim.min_lr_ratio
+    if task.schedule == "authors":
+        def head(s: int) -> float:
+            return authors_finetune(s, steps_per_epoch)
+        enc_base = head
+    else:
+        def head(s: int) -> float:
+            return warmup_cosine(s, total, warm, floor)
+
+        def enc_base(s: int) -> float:
+            return warmup_cosine(s - join, total - join, warm, floor)
+
+    def encoder(s: int) -> float:
+        return 0.0 if (task.mode == "linear_probe" or s < join) else enc_base(s)
+    return [encoder, head], join
 
 
 def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> dict:
@@ -361,22 +411,31 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
     steps_per_epoch = math.ceil(per_rank / bs)
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
     torch.manual_seed(seed + env.rank)  # dropout streams
-    engine, _ = build_engine(model, cfg, env.device, total)
+    lambdas, join = lr_schedule(cfg.task, cfg.optim, steps_per_epoch, total)
+    groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad],
+               "lr": cfg.optim.lr * cfg.task.encoder_lr_mult},
+              {"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.optim.lr}]
+    keep = [i for i, g in enumerate(groups) if g["params"]]  # a frozen encoder (linear probe): no group (ZeRO needs none empty)
+    engine, _ = build_engine(model, cfg, env.device, total, param_groups=[groups[i] for i in keep],
+                             lr_lambda=[lambdas[i] for i in keep])
     module = engine.module
     log = print if env.is_main else (lambda *a, **k: None)
     log(f"finetune[{kind}{'/H=' + str(cfg.task.horizon) if kind == 'forecast' else ''}]: init={cfg.init} "
         f"mode={cfg.task.mode} {len(train.x)} train items ({env.world_size} rank(s), {steps_per_epoch} steps/epoch), "
-        f"val {len(data['val'].x)}, test {len(data['test'].x)}, engine={'deepspeed' if cfg.dist.deepspeed else 'torch'}",
+        f"val {len(data['val'].x)}, test {len(data['test'].x)}, engine={'deepspeed' if cfg.dist.deepspeed else 'torch'}, "
+        f"schedule={cfg.task.schedule}" + (f", head warm-up {join} steps" if join and cfg.task.mode == "full" else ""),
         flush=True)
 
     best, best_score, best_epoch, bad, step, history = None, None, -1, 0, 0, []
     t0 = time.perf_counter()
     for epoch in range(cfg.train.epochs):
-        _set_train_mode(module, cfg.task.mode)
+        _set_train_mode(module, cfg.task.mode, probing=step < join)
         perm = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         mine = perm[:per_rank * env.world_size][env.rank::env.world_size]
         total_loss = 0.0
         for i in range(0, per_rank, bs):
+            if step == join and join and cfg.task.mode == "full":
+                _set_train_mode(module, cfg.task.mode)  # the head warm-up ends: the encoder trains too
             b = mine[i:i + bs]
             out = engine(train.x[b].to(env.device))
             target = train.y[b].to(env.device)
@@ -397,24 +456,26 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
         if improved:
             best_score, best_epoch, bad = score, epoch, 0
             best = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        else:
+        elif step > join:  # epochs of the head warm-up do not count: the encoder has not trained yet
             bad += 1
         if bad >= cfg.task.patience or step >= total:
             break
     train_seconds = time.perf_counter() - t0
     module.load_state_dict(best)  # the validation-selected weights; test is read only below, once
     t1 = time.perf_counter()
-    test = evaluate(module, data["test"], kind, cfg.task.eval_batch_size, env)
+    test = evaluate(module, data["test"], kind, cfg.task.eval_batch_size, env) if cfg.task.evaluate_test else {}
     result = {
         "task": kind, "init": cfg.init, "mode": cfg.task.mode, "label_fraction": cfg.task.label_fraction,
         "horizon": cfg.task.horizon if kind == "forecast" else None,
         "mse": test.get("mse"), "mae": test.get("mae"), "accuracy": test.get("accuracy"),
         "macro_f1": test.get("macro_f1"), "auroc": test.get("auroc"),
+        "best_val": {k: v for k, v in history[best_epoch].items() if k.startswith("val_")} if history else None,
         "train_seconds": train_seconds, "test_seconds": time.perf_counter() - t1,
         "best_epoch": best_epoch, "epochs_run": len(history), "steps": step, "n_train": len(train.x),
         "n_val": len(data["val"].x), "n_test": len(data["test"].x), "world_size": env.world_size,
         "engine": "deepspeed" if cfg.dist.deepspeed else "torch", "history": history,
         "seq_len": arch.seq_len, "num_classes": num_classes or None,
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
     }
     for k in ("mse", "mae", "accuracy", "macro_f1", "auroc"):  # e.g. AUROC of a one-class test set: null, not NaN
         if isinstance(result[k], float) and result[k] != result[k]:
@@ -422,7 +483,8 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
     if env.is_main:
         metrics = {k: result[k] for k in ("mse", "mae", "accuracy", "macro_f1", "auroc") if result[k] is not None}
         log(f"  test ({result['n_test']} items, epoch {best_epoch} weights): "
-            + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; train {train_seconds:.0f}s", flush=True)
+            + (" ".join(f"{k} {v:.4f}" for k, v in metrics.items()) if cfg.task.evaluate_test else "not evaluated")
+            + f"; train {train_seconds:.0f}s", flush=True)
         if cfg.out:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out) / "result.json").write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=2))

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -21,8 +23,8 @@ from data_pipeline import build_loader
 from models import Gather, SimMTM
 from trainer import checkpoint
 from trainer import distributed as dist
-from trainer.config import REPO_ROOT, Config, load_config, split_cli, to_dict
-from trainer.engine import build_engine
+from trainer.config import REPO_ROOT, Config, ConfigError, load_config, split_cli, to_dict
+from trainer.engine import build_engine, epoch_cosine
 from trainer.monitor import Monitor, Throughput, peak_memory_gb
 
 
@@ -60,6 +62,83 @@ def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
     return p.parent, p.name
 
 
+def constraint_bounds(num_views: int, num_series: int) -> dict:
+    """Reference values of the constraint loss for M = num_views positives per row among N = num_series
+    rows (global): every row's softmax over the N-1 others, summed over its M positives.
+
+    perfect grouping (each group's members identical, groups apart, tau -> 0): the mass splits evenly
+    over the M positives, M ln M; chance (all representations alike): uniform over N-1, M ln(N-1).
+    """
+    m, n = int(num_views), int(num_series)
+    return {"num_views": m, "num_series": n, "perfect": m * math.log(m) if m > 0 else 0.0,
+            "chance": m * math.log(n - 1) if n > 1 else float("nan")}
+
+
+def constraint_formed(loss: float, bounds: dict) -> float:
+    """(chance - L) / (chance - perfect): 0 at chance, 1 at perfect grouping."""
+    span = bounds["chance"] - bounds["perfect"]
+    return (bounds["chance"] - loss) / span if span > 0 else float("nan")
+
+
+def epoch_cosine_lambda(cfg: Config, steps_per_epoch: int, total: int):
+    """optim.schedule=epoch_cosine: step -> multiplier (None for the JSON's warmup-cosine)."""
+    if cfg.optim.schedule != "epoch_cosine":
+        return None
+    epochs = cfg.train.epochs if cfg.train.max_steps <= 0 else math.ceil(total / steps_per_epoch)
+    floor = cfg.optim.min_lr_ratio
+    return lambda s: epoch_cosine(s, steps_per_epoch, epochs, floor)
+
+
+def val_seed(cfg: Config, rank: int) -> int:
+    """The mask seed of every validation: identical at every validation, distinct per rank."""
+    return cfg.train.seed + 17 + 7919 * rank
+
+
+def load_val_batches(cfg: Config, rank: int, world_size: int) -> list:
+    """The first train.val_batches batches of this rank's share of the validation split (not shuffled,
+    finite), kept on the CPU; the same count on every rank. Collective (agrees on the count)."""
+    data = replace(cfg.data, split=cfg.train.val_split, shuffle=False, infinite=False)
+    loader = build_loader(data, seq_len=cfg.model.seq_len, batch_size=cfg.train.batch_size, rank=rank,
+                          world_size=world_size, seed=cfg.train.seed)
+    batches = []
+    try:
+        for batch in loader:
+            batches.append(batch.clone())
+            if len(batches) >= cfg.train.val_batches:
+                break
+    finally:
+        loader.close()
+    n = min(dist.all_gather_object(len(batches)))
+    if n == 0:
+        raise ValueError(f"train.val_every: the {cfg.train.val_split!r} split of {cfg.data.source} gives no batch "
+                         f"of {cfg.train.batch_size} windows of {cfg.model.seq_len} per rank")
+    return batches[:n]
+
+
+def validate(engine, batches: list, gather: Gather, cfg: Config, device: torch.device, rank: int) -> dict:
+    """Mean losses over the cached validation batches, in eval mode, masks from a freshly seeded
+    generator, averaged over ranks. Leaves the weights, buffers and every training RNG stream as
+    they were (collective)."""
+    rng = checkpoint.rng_state(None)
+    module = engine if isinstance(engine, torch.nn.Module) else engine.module  # DeepSpeed's engine or plain
+    was_training = module.training
+    module.eval()
+    generator = torch.Generator(device=device).manual_seed(val_seed(cfg, rank))
+    sums = {"loss": 0.0, "loss_rec": 0.0, "loss_cl": 0.0}
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                out = engine(batch.to(device), gather=gather, generator=generator,
+                             global_aggregation=cfg.dist.global_aggregation)
+                for k in sums:
+                    sums[k] += float(out[k].detach())
+    finally:
+        module.train(was_training)
+        checkpoint.set_rng_state(rng, None)
+    return {f"val_{k}": float(dist.all_reduce_mean(torch.tensor(v / len(batches), dtype=torch.float64)))
+            for k, v in sums.items()}
+
+
 def resolve_paths(cfg: Config) -> None:
     """Repo-relative defaults (data/ETTh1.csv, the data/shards cache) work from any working directory."""
     src = Path(cfg.data.source)
@@ -71,6 +150,9 @@ def resolve_paths(cfg: Config) -> None:
 
 def train(cfg: Config) -> dict:
     """Run pre-training as configured; returns the summary (on every rank)."""
+    if cfg.train.val_every > 0 and (cfg.train.val_split == "test" or cfg.train.val_split == cfg.data.split):
+        raise ConfigError(f"train.val_split={cfg.train.val_split!r}: the best checkpoint must be chosen on held-back "
+                          f"data, not on the {'test' if cfg.train.val_split == 'test' else 'training'} split")
     resolve_paths(cfg)
     resume_dir, resume_tag = find_resume(cfg)
     saved = checkpoint.read_state(resume_dir, resume_tag) if resume_tag else None
@@ -94,7 +176,8 @@ def train(cfg: Config) -> dict:
     # A ZeRO checkpoint written at another world size loads through DeepSpeed's universal format.
     resized = saved is not None and saved["world_size"] != env.world_size
     universal = resized and saved["engine"] == "deepspeed" and saved.get("zero_stage", 0) > 0
-    engine, ds_config = build_engine(model, cfg, env.device, total, load_universal=universal)
+    engine, ds_config = build_engine(model, cfg, env.device, total, load_universal=universal,
+                                     lr_lambda=epoch_cosine_lambda(cfg, steps_per_epoch, total))
     generator = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 1000 + env.rank)
     reduce = dist.all_reduce_with_grad if env.distributed else None  # projector BN over the global batch
     gather = Gather(dist.all_gather_with_grad, env.rank, env.world_size, reduce) if cfg.dist.global_constraint \
@@ -103,6 +186,7 @@ def train(cfg: Config) -> dict:
     step, epoch, history = 0, 0, []
     ckpt_dir = Path(cfg.ckpt.dir) / "checkpoints"
     resume_note = ""
+    best = None  # {"tag", "step", "val_loss"}: the checkpoint with the lowest validation loss so far
     if saved is not None:
         checkpoint.load(engine, resume_dir, checkpoint.to_universal(resume_dir, resume_tag) if universal else resume_tag)
         if universal:
@@ -118,26 +202,52 @@ def train(cfg: Config) -> dict:
             torch.manual_seed(cfg.train.seed + env.rank + 7919 * step)
             resume_note = (f", resumed from {resume_tag} (saved with {saved['world_size']} ranks) at step {step}: "
                            f"epoch {epoch} restarts with this world size's data order")
+        # The best so far as of the resumed checkpoint; its pointer is put back to match (a rollback
+        # may have left one naming a checkpoint of the abandoned timeline). A best held in another
+        # run's folder (ckpt.resume=<path> elsewhere) does not carry over: selection starts afresh.
+        same_dir = resume_dir.resolve() == ckpt_dir.resolve()
+        best = saved.get("best") if same_dir else None
+        if best is not None and not (ckpt_dir / best["tag"] / checkpoint.COMPLETE).exists():
+            best = None
+        # always rewritten: resuming from another folder must not leave this folder's stale pointer behind
+        dist.agree(lambda: checkpoint.set_best(ckpt_dir, best["tag"] if best else None) if env.is_main else None,
+                   f"restoring {ckpt_dir / checkpoint.BEST}")
+        if best is not None:
+            resume_note += f" (best so far: {best['tag']}, val loss {best['val_loss']:.4f})"
 
+    val_batches = None
+    if cfg.train.val_every > 0:
+        rng = checkpoint.rng_state(None)  # building the validation loader touches no training stream
+        val_batches = load_val_batches(cfg, env.rank, env.world_size)
+        checkpoint.set_rng_state(rng, None)
+    num_views = cfg.model.num_views
+    bounds = None  # constraint-loss reference values, from the first batch's series count
     monitor = Monitor(env.is_main, cfg.ckpt.dir, total, cfg.train.progress, cfg.log.tensorboard)
     monitor.print(f"simmtm: {n_params / 1e6:.1f}M parameters, "
                   f"{env.world_size} rank(s) [{env.launcher}] on {env.device}, "
                   f"engine={'deepspeed' if use_ds else 'torch'}, {total} steps ({steps_per_epoch}/epoch), "
                   f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum"
+                  + (f", validation every {cfg.train.val_every} steps on {len(val_batches)} batch(es)/rank of "
+                     f"split {cfg.train.val_split!r}" if val_batches else "")
                   + resume_note)
     if env.is_main:
         Path(cfg.ckpt.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.ckpt.dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         (Path(cfg.ckpt.dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int, is_best: bool = False) -> Path:
         shared = {"step": at_step, "epoch": epoch, "history": history, "config": to_dict(cfg),
                   "world_size": env.world_size, "engine": "deepspeed" if use_ds else "torch",
                   "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0) if use_ds else 0}
+        if best is not None:
+            shared["best"] = best
+        if bounds is not None:
+            shared["constraint_num_series"] = bounds["num_series"]
         per_rank = {"rng": checkpoint.rng_state(generator), "data": loader.state_dict()}
-        folder = checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep)
+        folder = checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep, best=is_best)
         if cfg.ckpt.remote:
-            checkpoint.upload(folder, cfg.ckpt.remote, cfg.ckpt.storage_options, env.local_rank, cfg.ckpt.keep)
+            checkpoint.upload(folder, cfg.ckpt.remote, cfg.ckpt.storage_options, env.local_rank, cfg.ckpt.keep,
+                              best=best["tag"] if best else None)
         return folder
 
     meter = Throughput()
@@ -145,6 +255,7 @@ def train(cfg: Config) -> dict:
     acc = {"loss": 0.0, "loss_rec": 0.0, "loss_cl": 0.0}
     micro = 0
     last_saved = None
+    final_is_best = False
     wait_mark = loader.wait_seconds
     while step < total:
         loader.set_epoch(epoch)
@@ -170,13 +281,32 @@ def train(cfg: Config) -> dict:
             rates = meter.rates()
             record = {"step": step, **means, "lr": lr, "series_per_s": rates["series_per_s"],
                       "time_s": meter.elapsed}
-            if step == 1 or step % cfg.train.log_every == 0 or step == total:
+            if bounds is None:
+                global_rows = env.world_size if cfg.dist.global_constraint else 1
+                bounds = constraint_bounds(num_views, out["num_series"] * (num_views + 1) * global_rows)
+            improved = False
+            if val_batches and (step % cfg.train.val_every == 0 or step == total):
+                val = validate(engine, val_batches, gather, cfg, env.device, env.rank)
+                record.update(val)
+                if val["val_loss"] < (best["val_loss"] if best else float("inf")):
+                    best, improved = {"tag": checkpoint.tag_for(step), "step": step,
+                                      "val_loss": val["val_loss"]}, True
+                monitor.scalars(step, {"val/loss": val["val_loss"], "val/reconstruction": val["val_loss_rec"],
+                                       "val/constraint": val["val_loss_cl"],
+                                       "val/constraint_formed": constraint_formed(val["val_loss_cl"], bounds)})
+            if step == 1 or step % cfg.train.log_every == 0 or step == total or "val_loss" in record:
                 history.append(record)
+                val_text = (f" | val {record['val_loss']:.4f} rec {record['val_loss_rec']:.4f} "
+                            f"cl {record['val_loss_cl']:.4f}{' *best' if improved else ''}"
+                            if "val_loss" in record else "")
                 monitor.print(f"step {step}/{total} loss {means['loss']:.4f} rec {means['loss_rec']:.4f} "
-                              f"cl {means['loss_cl']:.4f} lr {record['lr']:.2e} {rates['series_per_s']:.1f} series/s")
+                              f"cl {means['loss_cl']:.4f} lr {record['lr']:.2e} {rates['series_per_s']:.1f} series/s"
+                              + val_text)
             gn = engine.get_global_grad_norm()
             monitor.scalars(step, {"loss/total": means["loss"], "loss/reconstruction": means["loss_rec"],
-                                   "loss/constraint": means["loss_cl"], "weight/sigma_rec": float(out["sigma_rec"]),
+                                   "loss/constraint": means["loss_cl"],
+                                   "loss/constraint_formed": constraint_formed(means["loss_cl"], bounds),
+                                   "weight/sigma_rec": float(out["sigma_rec"]),
                                    "weight/sigma_cl": float(out["sigma_cl"]), "lr": record["lr"],
                                    "grad_norm": float(gn) if gn is not None else float("nan"),
                                    "throughput/series_per_s": rates["series_per_s"],
@@ -187,8 +317,9 @@ def train(cfg: Config) -> dict:
                 monitor.reconstruction_image(step, x[0].float(), out["pred"][0], out["weights"])
             monitor.step(step, {"loss": f"{means['loss']:.3f}", "rec": f"{means['loss_rec']:.3f}",
                                 "series/s": f"{rates['series_per_s']:.0f}"})
-            if cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0 and step < total:
-                last_saved = save(step)
+            if step < total and (improved or (cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0)):
+                last_saved = save(step, is_best=improved)
+            final_is_best = improved
             if step >= total:
                 break
         else:
@@ -200,7 +331,7 @@ def train(cfg: Config) -> dict:
     # The final state, unless it is exactly the checkpoint this run resumed from (a finished run
     # started again): writing over the checkpoint `latest` names would put it at risk for nothing.
     if saved is None or step != saved["step"]:
-        last_saved = save(step)
+        last_saved = save(step, is_best=final_is_best)
     else:
         last_saved = resume_dir / resume_tag
     digests = dist.all_gather_object(dist.parameter_digest(engine.module))
@@ -213,6 +344,27 @@ def train(cfg: Config) -> dict:
                "world_size": env.world_size, "checkpoint": str(last_saved), "data_stats": data_stats,
                "replicas_identical": len(set(digests)) == 1, "parameter_digests": digests,
                "history": history}
+    if bounds is None and saved is not None:  # nothing trained this time: the resumed run's series count
+        n0 = saved.get("constraint_num_series")
+        bounds = constraint_bounds(num_views, n0) if n0 else None
+    if bounds is not None and history:
+        cl = {"num_views": bounds["num_views"], "num_series": bounds["num_series"],
+              "perfect": bounds["perfect"], "chance": bounds["chance"],
+              "first": history[0]["loss_cl"], "first_formed": constraint_formed(history[0]["loss_cl"], bounds),
+              "last": history[-1]["loss_cl"], "last_formed": constraint_formed(history[-1]["loss_cl"], bounds)}
+        vals = [h for h in history if "val_loss_cl" in h]
+        if vals:
+            cl.update(val_last=vals[-1]["val_loss_cl"], val_last_formed=constraint_formed(vals[-1]["val_loss_cl"], bounds),
+                      val_step=vals[-1]["step"])
+        summary["constraint"] = cl
+    vals = [h for h in history if "val_loss" in h]
+    if vals:
+        summary["validation"] = {"every": cfg.train.val_every, "batches_per_rank": len(val_batches or []),
+                                 "split": cfg.train.val_split, "first": {k: vals[0][k] for k in ("step", "val_loss")},
+                                 "last": {k: vals[-1][k] for k in ("step", "val_loss", "val_loss_rec", "val_loss_cl")}}
+    summary["best"] = best
+    if best is not None:
+        summary["best_checkpoint"] = str(ckpt_dir / best["tag"])
     monitor.hparams(_flatten(to_dict(cfg)), {"final/loss_rec": summary["last"]["loss_rec"] if history else 0.0})
     monitor.close()
     dist.release_engine(engine)
@@ -220,29 +372,65 @@ def train(cfg: Config) -> dict:
         if cfg.ckpt.publish:
             from trainer.publish import publish
 
-            publish(last_saved, cfg.ckpt.publish, include_heads=cfg.ckpt.publish_heads,
-                    storage_options=cfg.ckpt.storage_options or cfg.data.storage_options)
+            # ckpt.publish_from=best: the lowest-validation-loss checkpoint when the run has one, else the last
+            source, chosen = last_saved, "last"
+            if cfg.ckpt.publish_from == "best" and best is not None and \
+                    (ckpt_dir / best["tag"] / checkpoint.COMPLETE).exists():
+                source, chosen = ckpt_dir / best["tag"], "best"
+            m = publish(source, cfg.ckpt.publish, include_heads=cfg.ckpt.publish_heads,
+                        storage_options=cfg.ckpt.storage_options or cfg.data.storage_options, selected=chosen)
             summary["published"] = cfg.ckpt.publish
+            summary["published_from"] = {"selected": chosen, "checkpoint": str(source), "step": m["steps"],
+                                         "val_loss": m.get("val_loss")}
         (Path(cfg.ckpt.dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
 
 
+def _change(first: float, last: float) -> str:
+    """'(12.3% lower)' / '(4.5% higher)' relative to `first`."""
+    if not first or first != first or last != last:
+        return "(n/a)"
+    pct = 100.0 * (last - first) / abs(first)
+    return f"({abs(pct):.1f}% {'higher' if pct > 0 else 'lower'})"
+
+
 def print_summary(s: dict) -> None:
+    nan = float("nan")
     first, last = s["first"] or {}, s["last"] or {}
-    drop = 100.0 * (1 - last.get("loss_rec", 0) / first["loss_rec"]) if first.get("loss_rec") else float("nan")
+    cl = s.get("constraint")
+    cl_text = f"{first.get('loss_cl', nan):.4f} -> {last.get('loss_cl', nan):.4f}"
+    if cl:
+        cl_text += (f" (perfect grouping {cl['perfect']:.2f}, chance {cl['chance']:.2f} for M={cl['num_views']}, "
+                    f"N={cl['num_series']}: {100 * cl['first_formed']:.0f}% -> {100 * cl['last_formed']:.0f}% "
+                    f"of the way)")
     rows = [("steps", f"{s['steps']}"),
-            ("reconstruction loss", f"{first.get('loss_rec', float('nan')):.4f} -> {last.get('loss_rec', float('nan')):.4f}"
-             f" ({drop:.1f}% lower)"),
-            ("constraint loss", f"{first.get('loss_cl', float('nan')):.4f} -> {last.get('loss_cl', float('nan')):.4f}"),
-            ("total loss", f"{first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}"),
-            ("throughput", f"{s['series_per_s']:.1f} series/s, {s['points_per_s']:.0f} points/s"),
-            ("data wait", f"{100 * s['data_wait_fraction']:.2f}% of wall time"),
-            ("peak memory", f"{s['peak_memory_gb']:.2f} GB"),
-            ("wall time", f"{s['elapsed_s']:.1f} s on {s['world_size']} rank(s)"),
-            ("data", json.dumps(s["data_stats"])),
-            ("replicas identical", f"{s['replicas_identical']} ({s['world_size']} rank(s))"),
-            ("checkpoint", s["checkpoint"])] + ([("published", s["published"])] if s.get("published") else [])
+            ("reconstruction loss", f"{first.get('loss_rec', nan):.4f} -> {last.get('loss_rec', nan):.4f}"
+             f" {_change(first.get('loss_rec', nan), last.get('loss_rec', nan))}"),
+            ("constraint loss", cl_text),
+            ("total loss", f"{first.get('loss', nan):.4f} -> {last.get('loss', nan):.4f}")]
+    v = s.get("validation")
+    if v:
+        text = (f"{v['first']['val_loss']:.4f} (step {v['first']['step']}) -> {v['last']['val_loss']:.4f} "
+                f"(step {v['last']['step']}): rec {v['last']['val_loss_rec']:.4f}, cl {v['last']['val_loss_cl']:.4f}")
+        if cl and "val_last_formed" in cl:
+            text += f" ({100 * cl['val_last_formed']:.0f}% of the way)"
+        rows.append(("validation loss", text))
+    if s.get("best"):
+        rows.append(("best checkpoint", f"{s['best']['tag']} (step {s['best']['step']}, "
+                                        f"val loss {s['best']['val_loss']:.4f})"))
+    rows += [("throughput", f"{s['series_per_s']:.1f} series/s, {s['points_per_s']:.0f} points/s"),
+             ("data wait", f"{100 * s['data_wait_fraction']:.2f}% of wall time"),
+             ("peak memory", f"{s['peak_memory_gb']:.2f} GB"),
+             ("wall time", f"{s['elapsed_s']:.1f} s on {s['world_size']} rank(s)"),
+             ("data", json.dumps(s["data_stats"])),
+             ("replicas identical", f"{s['replicas_identical']} ({s['world_size']} rank(s))"),
+             ("checkpoint", s["checkpoint"])]
+    if s.get("published"):
+        pf = s.get("published_from") or {}
+        rows.append(("published", f"{s['published']} ({pf.get('selected', 'last')} checkpoint, step {pf.get('step')}"
+                                  + (f", val loss {pf['val_loss']:.4f}" if pf.get("val_loss") is not None else "")
+                                  + ")"))
     width = max(len(r[0]) for r in rows)
     print("\n== SimMTM pre-training summary ==")
     for k, v in rows:

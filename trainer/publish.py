@@ -1,14 +1,15 @@
 """Publish a pre-training checkpoint as a foundation model folder others can fine-tune.
 
-    python trainer/publish.py CHECKPOINT OUT [--no-heads] [--storage-options JSON]
+    python trainer/publish.py CHECKPOINT OUT [--last] [--no-heads] [--storage-options JSON]
 
-CHECKPOINT is a checkpoint folder (`runs/x/checkpoints/step_00000040`) or a run directory (its
-latest checkpoint). ZeRO shards are consolidated into one fp32 model. OUT (a local path or any
+CHECKPOINT is a checkpoint folder (`runs/x/checkpoints/step_00000040`) or a run directory: its best
+checkpoint (lowest validation loss, the `best` pointer) when the run validated (train.val_every > 0),
+otherwise, or with --last, its latest checkpoint. ZeRO shards are consolidated into one fp32 model. OUT (a local path or any
 fsspec URL, e.g. s3://bucket/models/simmtm-etth1) receives:
     model.safetensors   encoder weights (+ projector/decoder unless --no-heads), fp32
     config.json         architecture, pre-training settings, data manifest hash, code version
     README.md           model card
-    metrics.json        steps, losses, throughput
+    metrics.json        steps, losses, throughput; which checkpoint (best/last), its step and val loss
 Load it with `models.load_pretrained(OUT)`: torch + safetensors only.
 """
 from __future__ import annotations
@@ -33,13 +34,15 @@ from trainer import checkpoint
 from trainer.config import REPO_ROOT
 
 
-def resolve(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints dir, tag) from a checkpoint folder or a run directory."""
+def resolve(path: str | Path, prefer_best: bool = False) -> tuple[Path, str]:
+    """(checkpoints dir, tag) from a checkpoint folder or a run directory (its `best` checkpoint when
+    `prefer_best` and the run has one, else its latest)."""
     p = Path(path)
     if (p / checkpoint.COMPLETE).exists():
         return p.parent, p.name
     for d in (p, p / "checkpoints"):
-        tag = checkpoint.latest_tag(d) if (d / checkpoint.LATEST).exists() else None
+        tag = checkpoint.best_tag(d) if prefer_best and (d / checkpoint.BEST).exists() else None
+        tag = tag or (checkpoint.latest_tag(d) if (d / checkpoint.LATEST).exists() else None)
         if tag:
             return d, tag
     raise checkpoint.CheckpointError(f"{p}: neither a complete checkpoint folder nor a run with checkpoints")
@@ -78,6 +81,11 @@ def code_version() -> str:
 def model_card(cfg: dict, metrics: dict, include_heads: bool) -> str:
     m, d = cfg["model"], cfg["data"]
     first, last = metrics.get("first") or {}, metrics.get("last") or {}
+    val = metrics.get("val_loss")
+    chosen = (f"the best checkpoint by validation loss (split `{cfg['train'].get('val_split', 'val')}`): step "
+              f"{metrics['steps']}, val loss {val:.4f}" if metrics.get("selected") == "best" and val is not None
+              else f"the {metrics.get('selected') or 'given'} checkpoint: step {metrics['steps']}"
+              + (f", val loss {val:.4f}" if val is not None else ""))
     return f"""# SimMTM foundation model: {cfg.get('name', 'simmtm')}
 
 A time-series encoder pre-trained with SimMTM (Dong et al., NeurIPS 2023): masked time-series
@@ -86,7 +94,8 @@ views, with a manifold constraint on the series-wise representations.
 
 ## Data
 - source: `{d['source']}` (split `{d['split']}`, window {m['seq_len']}, stride {d['window_stride']},
-  channels {d['channels']}, z-scored with train-split statistics: {d['normalize']})
+  channels {d['channels']}, {'each series z-scored by its own statistics' if d.get('series_norm') else
+  'z-scored with train-split statistics' if d['normalize'] else 'not normalised'})
 - data manifest content hash: `{metrics.get('data_manifest_hash')}`
 
 ## Architecture
@@ -101,6 +110,7 @@ views, with a manifold constraint on the series-wise representations.
   per rank
 - reconstruction loss {first.get('loss_rec', float('nan')):.4f} -> {last.get('loss_rec', float('nan')):.4f};
   constraint loss {first.get('loss_cl', float('nan')):.4f} -> {last.get('loss_cl', float('nan')):.4f}
+- published: {chosen}
 - code version `{metrics.get('code_version')}`
 
 ## Intended use
@@ -112,16 +122,24 @@ count (channels are encoded independently). Not a forecaster by itself.
 from models import load_pretrained
 from models.heads import Forecaster, Classifier
 encoder = load_pretrained("THIS_FOLDER_OR_URL")          # torch + safetensors only
-model = Forecaster(encoder, horizon=96, dropout=0.2)      # or Classifier(encoder, num_classes)
+model = Forecaster(encoder, horizon=96, dropout=0.1)      # or Classifier(encoder, num_classes)
 ```
 or `python trainer/finetune.py --config configs/finetune_etth1.yaml init=THIS_FOLDER_OR_URL task.horizon=96`
 (`configs/finetune_gesture.yaml` for classification; `task.mode=linear_probe` keeps the encoder frozen).
 """
 
 
-def publish(ckpt: str | Path, out: str, include_heads: bool = True, storage_options: Optional[dict] = None) -> dict:
-    ckpt_dir, tag = resolve(ckpt)
+def publish(ckpt: str | Path, out: str, include_heads: bool = True, storage_options: Optional[dict] = None,
+            prefer: str = "best", selected: Optional[str] = None) -> dict:
+    """`prefer`: for a run directory, "best" (its best checkpoint when it has one, else the latest)
+    or "last". `selected` labels the choice in metrics/model card (default: inferred)."""
+    if prefer not in ("best", "last"):
+        raise ValueError(f"prefer must be 'best' or 'last', got {prefer!r}")
+    ckpt_dir, tag = resolve(ckpt, prefer_best=prefer == "best")
     state = checkpoint.read_state(ckpt_dir, tag)
+    best = state.get("best")
+    if selected is None:
+        selected = "best" if best and best.get("tag") == tag else "last"
     cfg = state["config"]
     model = SimMTM(SimMTMConfig(**cfg["model"]))
     sd = consolidated_state(ckpt_dir, tag, state)
@@ -131,7 +149,10 @@ def publish(ckpt: str | Path, out: str, include_heads: bool = True, storage_opti
         raise checkpoint.CheckpointError(f"{ckpt_dir / tag}: weights do not match the saved config: {e}") from None
     rank0 = checkpoint.load_rank_state(ckpt_dir, tag, 0)
     history = state.get("history", [])
+    at_step = [h for h in history if h.get("step") == state["step"] and "val_loss" in h]
+    val_loss = at_step[-1]["val_loss"] if at_step else (best["val_loss"] if best and best.get("tag") == tag else None)
     metrics = {"steps": state["step"], "epoch": state["epoch"], "world_size": state["world_size"],
+               "selected": selected, "val_loss": val_loss, "best": best,
                "first": history[0] if history else None, "last": history[-1] if history else None,
                "data_manifest_hash": rank0.get("data", {}).get("layout", {}).get("content_hash"),
                "code_version": code_version(), "checkpoint": str(ckpt_dir / tag),
@@ -150,14 +171,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("out")
     ap.add_argument("--no-heads", action="store_true", help="publish the encoder only")
+    ap.add_argument("--last", action="store_true",
+                    help="publish a run directory's latest checkpoint even when it has a best one")
     ap.add_argument("--storage-options", default="{}", help="JSON passed to fsspec for OUT (e.g. endpoint_url)")
     a = ap.parse_args(argv)
     try:
-        m = publish(a.checkpoint, a.out, include_heads=not a.no_heads, storage_options=json.loads(a.storage_options))
+        m = publish(a.checkpoint, a.out, include_heads=not a.no_heads, storage_options=json.loads(a.storage_options),
+                    prefer="last" if a.last else "best")
     except checkpoint.CheckpointError as e:
         print(f"publish: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"published {m['checkpoint']} (step {m['steps']}) -> {a.out}")
+    val = f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""
+    print(f"published {m['checkpoint']} ({m['selected']}: step {m['steps']}{val}) -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,257 @@
+"""The foundation-model proof: one published checkpoint against random initialisation of the same
+architecture, on many downstream sets, regimes and seeds, with the same fine-tuning budget for both.
+
+    python -m trainer.evaluate --config configs/eval_foundation.yaml        # run, or resume
+    python -m trainer.evaluate --config configs/eval_foundation.yaml --report   # tables from the records
+
+Why in-process: a suite is hundreds of short fine-tunes; a process each would spend more time importing
+torch than training. Every fine-tune is still `trainer.finetune.finetune` (validation-only selection,
+the test split read once, after selection), data loaded once per set and seed. Records land in
+`<out>/results.json` after each run, so an interrupted suite resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+
+from trainer.config import REPO_ROOT, load_config, to_dict
+
+# regime -> (task.mode, task.label_fraction)
+REGIMES = {"full": ("full", 1.0), "label10": ("full", 0.1), "linear_probe": ("linear_probe", 1.0)}
+REGIME_NAMES = {"full": "full fine-tuning, 100% labels", "label10": "full fine-tuning, 10% labels",
+                "linear_probe": "linear probe, 100% labels"}
+
+
+@dataclass
+class SuiteTask:
+    name: str  # label in the tables, e.g. ETTh1
+    kind: Literal["forecast", "classify"] = "forecast"
+    source: str = ""  # data.source for trainer.finetune (a TSLib CSV, a TF-C/UCR folder)
+    horizons: list[int] = field(default_factory=lambda: [96, 336])  # forecast only
+    overrides: list[str] = field(default_factory=list)  # fine-tuning overrides for this set
+
+
+@dataclass
+class SuiteConfig:
+    kind: Literal["foundation"] = "foundation"
+    name: str = "foundation"
+    published: str = ""  # a published folder/URL or a bundled name (checkpoints/<name>)
+    finetune_config: str = "configs/finetune_foundation.yaml"
+    finetune_overrides: list[str] = field(default_factory=list)  # for every task
+    # per regime (e.g. a linear probe's larger step for the head alone), for both inits alike; and per
+    # init (each init's recipe chosen on validation, bench/lpft_defaults.py). Not data settings: the data
+    # of a set is loaded once for all its runs.
+    regime_overrides: dict = field(default_factory=dict)
+    init_overrides: dict = field(default_factory=dict)
+    regimes: list[str] = field(default_factory=lambda: list(REGIMES))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    inits: list[str] = field(default_factory=lambda: ["simmtm", "random"])
+    tasks: list[SuiteTask] = field(default_factory=list)
+    out: str = ""  # default runs/eval/<name>
+    markdown: str = ""  # default <out>/results.md
+
+    def validate(self) -> None:
+        bad = [r for r in self.regimes if r not in REGIMES]
+        if bad:
+            raise ValueError(f"regimes: {bad} not in {list(REGIMES)}")
+        if [i for i in self.inits if i not in ("simmtm", "random")]:
+            raise ValueError(f"inits: {self.inits}: only simmtm and random")
+        if not self.seeds:
+            raise ValueError("seeds: at least one seed")
+        for name, table, allowed in (("regime_overrides", self.regime_overrides, list(REGIMES)),
+                                     ("init_overrides", self.init_overrides, ["simmtm", "random"])):
+            bad = [r for r in table if r not in allowed]
+            if bad or not all(isinstance(v, list) for v in table.values()):
+                raise ValueError(f"{name}: a list of overrides per key in {allowed}, got {bad or 'a non-list'}")
+            data_keys = [o for v in table.values() for o in v if str(o).startswith(DATA_KEYS)]
+            if data_keys:
+                raise ValueError(f"{name}: {data_keys} change the data, which a set loads once for all its runs; "
+                                 f"put them in the task's overrides")
+
+
+KEY = ("suite", "task", "horizon", "regime", "init", "seed")
+DATA_KEYS = ("data.", "task.val_stride", "task.test_stride", "task.val_fraction", "task.fit_length", "task.horizon",
+             "task.kind", "train.seed")
+
+
+def _path(p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else REPO_ROOT / q
+
+
+def _published(cfg: SuiteConfig) -> str:
+    from models.hub import resolve
+
+    return resolve(cfg.published)
+
+
+def run(cfg: SuiteConfig, only: Optional[list[str]] = None) -> list[dict]:
+    """Every (task, horizon, regime, seed, init) not yet in the results file; returns all records."""
+    from trainer.finetune import FinetuneConfig, classify_data, finetune, forecast_data
+    from models.hub import load_state
+
+    out = _path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
+    results = out / "results.json"
+    records = json.loads(results.read_text()) if results.exists() else []
+    done = {tuple(r.get(k) for k in KEY) for r in records}
+    published = _published(cfg)
+    seq_len = load_state(published)[0].seq_len
+    t_suite = time.perf_counter()
+    for task in cfg.tasks:
+        if only and task.name not in only:
+            continue
+        horizons = task.horizons if task.kind == "forecast" else [None]
+        for h in horizons:
+            cache: dict = {}
+            for regime in cfg.regimes:
+                mode, frac = REGIMES[regime]
+                for seed in cfg.seeds:
+                    for init in cfg.inits:
+                        key = (cfg.name, task.name, h, regime, init, seed)
+                        if key in done:
+                            continue
+                        overrides = [*cfg.finetune_overrides, *task.overrides,
+                                     *cfg.regime_overrides.get(regime, []), *cfg.init_overrides.get(init, []),
+                                     f"task.kind={task.kind}",
+                                     f"data.source={task.source}", f"task.mode={mode}",
+                                     f"task.label_fraction={frac}", f"train.seed={seed}",
+                                     *([f"init={published}"] if init == "simmtm" else
+                                       ["init=random", f"arch={published}"]),
+                                     *([f"task.horizon={h}"] if h is not None else [])]
+                        ft = load_config(str(_path(cfg.finetune_config)), overrides, cls=FinetuneConfig)
+                        # data once per set (and per seed where the validation carve depends on it)
+                        dkey = seed if task.kind == "classify" else None
+                        if dkey not in cache:
+                            cache[dkey] = (forecast_data(ft, seq_len) if task.kind == "forecast"
+                                           else classify_data(ft))
+                        t0 = time.perf_counter()
+                        res = finetune(ft, data=cache[dkey])
+                        res.pop("_model", None)
+                        rec = {"suite": cfg.name, "task": task.name, "kind": task.kind, "horizon": h,
+                               "regime": regime, "init": init, "seed": seed, "mode": mode, "label_fraction": frac,
+                               **{k: res.get(k) for k in ("mse", "mae", "accuracy", "macro_f1", "auroc",
+                                                         "train_seconds", "test_seconds", "best_epoch",
+                                                         "epochs_run", "steps", "n_train", "n_val", "n_test",
+                                                         "trainable_params")},
+                               "wall_seconds": time.perf_counter() - t0, "published": cfg.published,
+                               "overrides": overrides}
+                        records = [r for r in records if tuple(r.get(k) for k in KEY) != key] + [rec]
+                        _save(results, records)
+                        done.add(key)
+                        metric = (f"mse {rec['mse']:.4f}" if task.kind == "forecast"
+                                  else f"acc {rec['accuracy']:.4f}")
+                        print(f"[suite {time.perf_counter() - t_suite:6.0f}s] {task.name}"
+                              f"{'/H' + str(h) if h else ''} {regime} seed {seed} {init}: {metric} "
+                              f"({rec['wall_seconds']:.1f}s)", flush=True)
+    md = _path(cfg.markdown) if cfg.markdown else out / "results.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(markdown(records, cfg))
+    (out / "suite_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return records
+
+
+def _save(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- report
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per (task, horizon, regime): mean/std of the metric for each init and the relative gain.
+
+    Gain: forecasting, % lower MSE than random init; classification, accuracy points over random."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    kinds = {}
+    for r in records:
+        metric = r["mse"] if r["kind"] == "forecast" else r["accuracy"]
+        if metric is None:
+            continue
+        g = groups.setdefault((r["task"], r["horizon"], r["regime"]), {})
+        g.setdefault(r["init"], []).append(metric)
+        kinds[r["task"]] = r["kind"]
+    rows = []
+    for (task, h, regime), by in groups.items():
+        if "simmtm" not in by or "random" not in by:
+            continue
+        (sm, ss), (rm, rs) = _stats(by["simmtm"]), _stats(by["random"])
+        forecast = kinds[task] == "forecast"
+        gain = 100.0 * (rm - sm) / rm if forecast else 100.0 * (sm - rm)
+        rows.append({"task": task, "horizon": h, "regime": regime, "kind": kinds[task], "simmtm": sm,
+                     "simmtm_std": ss, "random": rm, "random_std": rs, "n": min(len(by["simmtm"]), len(by["random"])),
+                     "gain": gain,
+                     # not worse than one standard deviation (of the random baseline's seeds, or SimMTM's if larger)
+                     "within_1std": (sm <= rm + max(rs, ss)) if forecast else (sm >= rm - max(rs, ss))})
+    order = {r: i for i, r in enumerate(REGIMES)}
+    return sorted(rows, key=lambda r: (r["kind"], r["task"], r["horizon"] or 0, order.get(r["regime"], 9)))
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets per set (a forecasting set's gain is its mean over horizons): >= 3% MSE /
+    >= 2 accuracy points in the label10 and linear-probe regimes; at 100% labels within one std."""
+    sets: dict[str, dict] = {}
+    for r in rows:
+        s = sets.setdefault(r["task"], {"kind": r["kind"], "gains": {}, "within": []})
+        s["gains"].setdefault(r["regime"], []).append(r["gain"])
+        if r["regime"] == "full":
+            s["within"].append(r["within_1std"])
+    out = {}
+    for name, s in sets.items():
+        need = 3.0 if s["kind"] == "forecast" else 2.0
+        g = {k: float(np.mean(v)) for k, v in s["gains"].items()}
+        out[name] = {"gain": g, "label10_met": g.get("label10", -math.inf) >= need,
+                     "linear_probe_met": g.get("linear_probe", -math.inf) >= need,
+                     "full_within_1std": all(s["within"]) if s["within"] else None}
+    return out
+
+
+def markdown(records: list[dict], cfg: Optional[SuiteConfig] = None) -> str:
+    rows = summarise(records)
+    lines = []
+    if cfg is not None:
+        lines.append(f"Checkpoint `{cfg.published}`; seeds {cfg.seeds}; mean ± std over seeds; test split read "
+                     f"once per run, after validation-based selection.\n")
+    for kind, metric, better in (("forecast", "MSE", "lower"), ("classify", "accuracy", "higher")):
+        sub = [r for r in rows if r["kind"] == kind]
+        if not sub:
+            continue
+        gain_h = "MSE gain %" if kind == "forecast" else "gain (points)"
+        lines.append(f"| set | {'H | ' if kind == 'forecast' else ''}regime | SimMTM {metric} | random {metric} | "
+                     f"{gain_h} | full: within 1 std |")
+        lines.append("|---|" + ("---|" if kind == "forecast" else "") + "---|---|---|---|---|")
+        for r in sub:
+            fmt = "{:.3f} ± {:.3f}" if kind == "forecast" else "{:.3f} ± {:.3f}"
+            lines.append(f"| {r['task']} | {str(r['horizon']) + ' | ' if kind == 'forecast' else ''}"
+                         f"{r['regime']} | {fmt.format(r['simmtm'], r['simmtm_std'])} | "
+                         f"{fmt.format(r['random'], r['random_std'])} | {r['gain']:+.1f} | "
+                         f"{('yes' if r['within_1std'] else 'no') if r['regime'] == 'full' else ''} |")
+        lines.append(f"\n({metric}: {better} is better.)\n")
+    t = targets(rows)
+    if t:
+        lines.append("| set | label10 gain | linear-probe gain | full gain | label10 target | linear-probe target | "
+                     "full within 1 std |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for name, v in t.items():
+            g = v["gain"]
+            lines.append(f"| {name} | {g.get('label10', float('nan')):+.1f} | {g.get('linear_probe', float('nan')):+.1f} "
+                         f"| {g.get('full', float('nan')):+.1f} | {'met' if v['label10_met'] else 'missed'} | "
+                         f"{'met' if v['linear_probe_met'] else 'missed'} | "
+                         f"{'-' if v['full_within_1std'] is None else 'yes' if v['full_within_1std'] else 'no'} |")
+        both = sum(v["label10_met"] and v["linear_probe_met"] for v in t.values())
+        lines.append(f"\nSets meeting both the 10%-label and linear-probe targets: {both} of {len(t)}.\n")
+    secs = [r.get("wall_seconds") or 0.0 for r in records]
+    lines.append(f"{len(records)} fine-tuning runs, {sum(secs) / 60:.1f} min of fine-tuning wall time in all.\n")
+    return "\n".join(lines) + "\n"
