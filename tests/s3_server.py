@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,12 +70,19 @@ def local_s3_server(process: bool = False) -> Iterator[dict]:
 
     try:
         yield {"endpoint_url": endpoint, "new_bucket": new_bucket, "client": client,
+               "process": proc if process else None,  # the server's process (tests may freeze it)
                "storage_options": {"key": "testing", "secret": "testing",
                                    "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}}
     finally:
+        if process and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)  # a test may have frozen it: a stopped process ignores SIGTERM
         stop()
         if process:
-            proc.wait(timeout=10)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

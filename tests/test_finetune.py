@@ -2,7 +2,6 @@
 selection, linear probe, input-length errors."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -23,13 +22,7 @@ TINY_FT = ["train.epochs=1", "task.val_stride=16", "data.window_stride=64", "tas
 TINY_MODEL = SimMTMConfig(seq_len=48, d_model=8, n_heads=2, e_layers=1, d_ff=16, proj_dim=16, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _restore_env():
-    """finetune() exports RANK/WORLD_SIZE (as pre-training does); keep other tests' environment clean."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_env")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

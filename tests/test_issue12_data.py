@@ -5,19 +5,15 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from data_pipeline import DataConfig, DataError, ShardError, build_loader, convert, write_series
 from data_pipeline.testing import identity_series
-from tests.s3_server import free_port
+from tests.s3_server import local_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 ETTH1 = str(REPO / "data" / "ETTh1.csv")
@@ -44,40 +40,9 @@ def _in_thread(fn, limit: float):
 @pytest.fixture
 def frozen_s3():
     """A moto server in its own process, so the test can SIGSTOP it (frozen, not dead)."""
-    import boto3
-
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint).create_bucket(Bucket="frozen")
-        yield proc, {"key": "testing", "secret": "testing",
-                     "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with local_s3_server(process=True) as srv:
+        srv["client"].create_bucket(Bucket="frozen")
+        yield srv["process"], srv["storage_options"]
 
 
 def test_frozen_object_store_fails_in_bounded_time_naming_the_url(frozen_s3):

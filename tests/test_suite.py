@@ -3,7 +3,6 @@ resume, the same budget for both inits, tables and targets computed from the rec
 resolve by name; gzipped UCR folders read."""
 import gzip
 import json
-import os
 import subprocess
 import sys
 
@@ -21,12 +20,7 @@ TINY = SimMTMConfig(seq_len=48, encoder="patch", patch_len=8, patch_stride=8, d_
                     d_ff=16, proj_dim=8, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _restore_env():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_env")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -136,16 +136,20 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: corrupt ({e})") from None
 
 
-def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
-    """The tag `latest` names (None when there is no checkpoint yet)."""
+def _read_pointer(ckpt_dir: str | Path, name: str) -> Optional[str]:
     d = Path(ckpt_dir)
-    p = d / LATEST
+    p = d / name
     if not p.exists():
         return None
     tag = p.read_text().strip()
     if not (d / tag / COMPLETE).exists():
         raise CheckpointError(f"{p} names {tag}, which is not a complete checkpoint")
     return tag
+
+
+def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
+    """The tag `latest` names (None when there is no checkpoint yet)."""
+    return _read_pointer(ckpt_dir, LATEST)
 
 
 def _write_pointer(path: Path, tag: str) -> None:
@@ -160,14 +164,7 @@ def _write_pointer(path: Path, tag: str) -> None:
 
 def best_tag(ckpt_dir: str | Path) -> Optional[str]:
     """The tag `best` names (None when the run never validated)."""
-    d = Path(ckpt_dir)
-    p = d / BEST
-    if not p.exists():
-        return None
-    tag = p.read_text().strip()
-    if not (d / tag / COMPLETE).exists():
-        raise CheckpointError(f"{p} names {tag}, which is not a complete checkpoint")
-    return tag
+    return _read_pointer(ckpt_dir, BEST)
 
 
 def set_best(ckpt_dir: str | Path, tag: Optional[str]) -> None:

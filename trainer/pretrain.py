@@ -448,8 +448,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from trainer.config import ConfigError
-
     try:
         main()
     except ConfigError as e:
