@@ -12,6 +12,7 @@ import io
 import json
 import re
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -174,14 +175,21 @@ def decode_parquet(url: str, data: bytes) -> ShardData:
     return ShardData(url, ids, arrays, labels)
 
 
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11's AST conversion is not thread-safe
+# ("SystemError: AST constructor recursion depth mismatch" when read-ahead threads decode at once, seen
+# in CI on 3.11.7): one header at a time. Headers are ~100 bytes; the array itself stays zero-copy.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def _parse_npy(url: str, key: str, data: bytes, offset: int, size: int) -> np.ndarray:
     head = io.BytesIO(data[offset:offset + min(size, 4096)])
     try:
-        version = np.lib.format.read_magic(head)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+        with _NPY_HEADER_LOCK:
+            version = np.lib.format.read_magic(head)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
     except Exception as e:  # noqa: BLE001
         raise shard_error(url, f"{key}.npy: not a valid .npy ({e})") from None
     if dtype != np.dtype("<f4") or fortran or len(shape) != 2:
