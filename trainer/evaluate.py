@@ -268,8 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         cfg = load_config(path, overrides, cls=suite.SuiteConfig)
         if report_only:
-            out = _repo_path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
-            print(suite.markdown(load_records(out / "results.json"), cfg))
+            print(suite.markdown(load_records(suite.out_dir(cfg) / "results.json"), cfg))
         else:
             suite.run(cfg)
         return

@@ -429,13 +429,11 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
     best, best_score, best_epoch, bad, step, history = None, None, -1, 0, 0, []
     t0 = time.perf_counter()
     for epoch in range(cfg.train.epochs):
-        _set_train_mode(module, cfg.task.mode, probing=step < join)
+        _set_train_mode(module, cfg.task.mode, probing=step < join)  # join falls on an epoch boundary
         perm = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         mine = perm[:per_rank * env.world_size][env.rank::env.world_size]
         total_loss = 0.0
         for i in range(0, per_rank, bs):
-            if step == join and join and cfg.task.mode == "full":
-                _set_train_mode(module, cfg.task.mode)  # the head warm-up ends: the encoder trains too
             b = mine[i:i + bs]
             out = engine(train.x[b].to(env.device))
             target = train.y[b].to(env.device)

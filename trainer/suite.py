@@ -21,6 +21,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from trainer.config import REPO_ROOT, load_config, to_dict
+from trainer.evaluate import _repo_path, load_records, save_records
 
 # regime -> (task.mode, task.label_fraction)
 REGIMES = {"full": ("full", 1.0), "label10": ("full", 0.1), "linear_probe": ("linear_probe", 1.0)}
@@ -80,9 +81,8 @@ DATA_KEYS = ("data.", "task.val_stride", "task.test_stride", "task.val_fraction"
              "task.kind", "train.seed")
 
 
-def _path(p: str) -> Path:
-    q = Path(p)
-    return q if q.is_absolute() else REPO_ROOT / q
+def out_dir(cfg: SuiteConfig) -> Path:
+    return _repo_path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
 
 
 def _published(cfg: SuiteConfig) -> str:
@@ -96,9 +96,9 @@ def run(cfg: SuiteConfig, only: Optional[list[str]] = None) -> list[dict]:
     from trainer.finetune import FinetuneConfig, classify_data, finetune, forecast_data
     from models.hub import load_state
 
-    out = _path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
+    out = out_dir(cfg)
     results = out / "results.json"
-    records = json.loads(results.read_text()) if results.exists() else []
+    records = load_records(results)
     done = {tuple(r.get(k) for k in KEY) for r in records}
     published = _published(cfg)
     seq_len = load_state(published)[0].seq_len
@@ -124,7 +124,7 @@ def run(cfg: SuiteConfig, only: Optional[list[str]] = None) -> list[dict]:
                                      *([f"init={published}"] if init == "simmtm" else
                                        ["init=random", f"arch={published}"]),
                                      *([f"task.horizon={h}"] if h is not None else [])]
-                        ft = load_config(str(_path(cfg.finetune_config)), overrides, cls=FinetuneConfig)
+                        ft = load_config(str(_repo_path(cfg.finetune_config)), overrides, cls=FinetuneConfig)
                         # data once per set (and per seed where the validation carve depends on it)
                         dkey = seed if task.kind == "classify" else None
                         if dkey not in cache:
@@ -142,25 +142,18 @@ def run(cfg: SuiteConfig, only: Optional[list[str]] = None) -> list[dict]:
                                "wall_seconds": time.perf_counter() - t0, "published": cfg.published,
                                "overrides": overrides}
                         records = [r for r in records if tuple(r.get(k) for k in KEY) != key] + [rec]
-                        _save(results, records)
+                        save_records(results, records)
                         done.add(key)
                         metric = (f"mse {rec['mse']:.4f}" if task.kind == "forecast"
                                   else f"acc {rec['accuracy']:.4f}")
                         print(f"[suite {time.perf_counter() - t_suite:6.0f}s] {task.name}"
                               f"{'/H' + str(h) if h else ''} {regime} seed {seed} {init}: {metric} "
                               f"({rec['wall_seconds']:.1f}s)", flush=True)
-    md = _path(cfg.markdown) if cfg.markdown else out / "results.md"
+    md = _repo_path(cfg.markdown) if cfg.markdown else out / "results.md"
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(records, cfg))
     (out / "suite_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return records
-
-
-def _save(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- report
