@@ -80,8 +80,8 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    if "--table" not in sys.argv:
+def main(table_only: bool = False) -> None:
+    if not table_only:
         for name in SUITE:
             print(f"== bench/{name}.py", flush=True)
             subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py")], cwd=ROOT, check=True)
@@ -90,4 +90,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", action="store_true", help="only print the table from bench/results/*.json")
+    main(ap.parse_args().table)

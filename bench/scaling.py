@@ -86,10 +86,10 @@ def measure() -> list:
     return runs
 
 
-def main() -> dict:
+def main(comm_only: bool = False) -> dict:
     runs = []
     previous = ROOT / "bench" / "results" / "scaling.json"
-    if "--comm-only" in sys.argv and previous.exists():  # recompute the model, keep the measured runs
+    if comm_only and previous.exists():  # recompute the model, keep the measured runs
         runs = json.loads(previous.read_text())["runs"]
     else:
         runs = measure()
@@ -115,4 +115,9 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comm-only", action="store_true",
+                    help="recompute the communication model, keep the measured runs of bench/results/scaling.json")
+    main(ap.parse_args().comm_only)

@@ -140,7 +140,13 @@ def main() -> list:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(one(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", nargs=3, metavar=("N", "WIDTH", "PATH"),
+                    help="measure one configuration (PATH: ours or dense) in this process and print its record")
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one(int(a.one[0]), int(a.one[1]), a.one[2])))
     else:
         main()

@@ -37,4 +37,8 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # no options: only --help
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -70,7 +70,13 @@ def main() -> list:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(one(int(sys.argv[2]), int(sys.argv[3]))))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", nargs=2, type=int, metavar=("BATCH", "STEPS"),
+                    help="measure one batch size in this process and print its record (main runs each so)")
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one(*a.one)))
     else:
         main()

@@ -236,7 +236,10 @@ def _parse_options(items: Sequence[str]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.convert", description=__doc__.split("\n\n")[0])
+    from trainer.cli import DEBUG_EPILOG
+
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.convert", description=__doc__.split("\n\n")[0],
+                                epilog=DEBUG_EPILOG)
     p.add_argument("inputs", nargs="+", help="input files: .csv, .pt, .npy, .npz, .tsv, .ts (local or fsspec URLs)")
     p.add_argument("--out", required=True, help="output folder URL (local path, s3://bucket/prefix, memory://...)")
     p.add_argument("--format", default="parquet", choices=FORMATS)
@@ -268,4 +271,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer import cli
+
+    sys.exit(cli.run(main))

@@ -773,7 +773,10 @@ def render_card(card: dict) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .convert import _parse_options
 
-    p = argparse.ArgumentParser(prog="python -m data_pipeline.corpus", description=__doc__.split("\n\n")[0])
+    from trainer.cli import DEBUG_EPILOG
+
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.corpus", description=__doc__.split("\n\n")[0],
+                                epilog=DEBUG_EPILOG)
     p.add_argument("--out", required=True, help="output folder URL (local path, s3://bucket/prefix, memory://...)")
     p.add_argument("--shared", default=None, 
                    help=f"shared data root (default {DEFAULT_SHARED}, relative to the repo root)")
@@ -805,4 +808,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer import cli
+
+    sys.exit(cli.run(main))

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -63,6 +64,11 @@ def config_from_dict(d: dict) -> SimMTMConfig:
     return cfg
 
 
+def first_nonfinite(state: dict) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or inf (None: all finite)."""
+    return next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
 def save_pretrained(model: SimMTM, folder: str, extra: Optional[dict] = None, include_heads: bool = True,
                     storage_options: Optional[dict] = None) -> None:
     """Write fp32 weights (encoder, and optionally the pre-training heads) and the architecture."""
@@ -91,9 +97,12 @@ def resolve(folder: str) -> str:
     return folder
 
 
-def load_state(folder: str, storage_options: Optional[dict] = None) -> tuple[SimMTMConfig, dict, dict]:
+def load_state(folder: str, storage_options: Optional[dict] = None,
+               allow_unverified: bool = False) -> tuple[SimMTMConfig, dict, dict]:
     """(architecture, fp32 state dict, the whole config.json) with clear errors for bad files.
-    `folder`: a local folder, an fsspec URL, or a bundled model's name (see `resolve`)."""
+    `folder`: a local folder, an fsspec URL, or a bundled model's name (see `resolve`). Weights without
+    a recorded weights_sha256 cannot be told from edited ones: refused unless `allow_unverified`.
+    Non-finite weights are always refused: they only ever come from a diverged run."""
     folder = resolve(folder)
     cfg_path, w_path = join(folder, CONFIG), join(folder, WEIGHTS)
     try:
@@ -114,17 +123,25 @@ def load_state(folder: str, storage_options: Optional[dict] = None) -> tuple[Sim
     except (SafetensorError, Exception) as e:  # truncated or tampered files fail to parse here
         raise ValueError(f"{w_path}: not a valid safetensors file ({len(data)} bytes): {e}") from None
     want = config.get("weights_sha256")
+    if want is None and not allow_unverified:
+        raise ValueError(f"{folder}: {CONFIG} records no weights_sha256, so {WEIGHTS} cannot be verified; "
+                         f"load it anyway with allow_unverified=True (only a folder you trust)")
     if want is not None and hashlib.sha256(data).hexdigest() != want:
         raise ValueError(f"{w_path}: content differs from the weights_sha256 in {CONFIG} "
                          f"(tampered with or corrupted)")
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise ValueError(f"{folder}: tensor {bad} in {WEIGHTS} holds NaN or inf (a diverged run); refusing it")
     return cfg, state, config
 
 
-def load_pretrained(folder: str, storage_options: Optional[dict] = None) -> Encoder:
+def load_pretrained(folder: str, storage_options: Optional[dict] = None,
+                    allow_unverified: bool = False) -> Encoder:
     """Rebuild the pre-trained encoder from a published folder (local path or URL) or a bundled model's
-    name. Input [N, L] univariate series (instance-normalised as in pre-training) -> [N, T, d] tokens."""
+    name. Input [N, L] univariate series (instance-normalised as in pre-training) -> [N, T, d] tokens.
+    `allow_unverified`: see `load_state`."""
     folder = resolve(folder)
-    cfg, state, _ = load_state(folder, storage_options)
+    cfg, state, _ = load_state(folder, storage_options, allow_unverified)
     enc = Encoder(cfg)
     prefix = "encoder."
     enc_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -135,10 +152,12 @@ def load_pretrained(folder: str, storage_options: Optional[dict] = None) -> Enco
     return enc.eval()
 
 
-def load_simmtm(folder: str, storage_options: Optional[dict] = None) -> SimMTM:
-    """The whole pre-training model (needs a folder published with the heads)."""
+def load_simmtm(folder: str, storage_options: Optional[dict] = None,
+                allow_unverified: bool = False) -> SimMTM:
+    """The whole pre-training model (needs a folder published with the heads); `allow_unverified`: see
+    `load_state`."""
     folder = resolve(folder)
-    cfg, state, _ = load_state(folder, storage_options)
+    cfg, state, _ = load_state(folder, storage_options, allow_unverified)
     model = SimMTM(cfg)
     try:
         model.load_state_dict(state, strict=True)

@@ -34,6 +34,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models.hub import first_nonfinite
+
 from . import distributed as dist
 
 LATEST, BEST, COMPLETE, STATE = "latest", "best", "COMPLETE", "state.json"
@@ -162,6 +164,14 @@ def _write_pointer(path: Path, tag: str) -> None:
     os.replace(tmp, path)
 
 
+def set_latest(ckpt_dir: str | Path, tag: str) -> None:
+    """Point `latest` at a complete checkpoint (a rollback). Rank 0 only, not collective."""
+    d = Path(ckpt_dir)
+    if not (d / tag / COMPLETE).exists():
+        raise CheckpointError(f"{d / tag}: not a complete checkpoint, cannot be named latest")
+    _write_pointer(d / LATEST, tag)
+
+
 def best_tag(ckpt_dir: str | Path) -> Optional[str]:
     """The tag `best` names (None when the run never validated)."""
     return _read_pointer(ckpt_dir, BEST)
@@ -192,10 +202,7 @@ def _digests(folder: Path) -> dict:
 
 
 def verify(folder: str | Path) -> None:
-    """Check the files this process can see against the sha256s recorded when the save completed.
-
-    Files another node wrote to its own disk are absent here and checked there. Raises naming the file.
-    """
+    """Check every file recorded when the save completed against its sha256; raises naming the file."""
     folder = Path(folder)
     try:
         marker = json.loads((folder / COMPLETE).read_text())
@@ -207,7 +214,10 @@ def verify(folder: str | Path) -> None:
         return
     for name, digest in (marker.get("sha256") or {}).items():
         f = folder / name
-        if f.exists() and _sha256(f) != digest:
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing, though {folder} was saved complete with it (deleted or not "
+                                  f"copied); restore it or resume from another checkpoint")
+        if _sha256(f) != digest:
             raise CheckpointError(f"{f}: content differs from the sha256 recorded when the checkpoint was saved "
                                   f"(truncated, tampered with or corrupted on disk)")
 
@@ -222,15 +232,22 @@ def read_state(ckpt_dir: str | Path, tag: str) -> dict:
 # ----------------------------------------------------------------------------- save / load
 
 def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, keep: int,
-         best: bool = False) -> Path:
+         best: bool = False, weights_only: bool = False) -> Path:
     """Collective: every rank calls it with its own `per_rank` state. `best`: this checkpoint becomes
-    the one `best` names (after it is complete, like `latest`)."""
+    the one `best` names (after it is complete, like `latest`). `weights_only`: fp32 weights as
+    model.safetensors and no optimizer state, whatever the engine (ZeRO <= 2: whole parameters on
+    rank 0); training cannot continue from it, so rotation always keeps the newest full checkpoint."""
     d = Path(ckpt_dir)
     tag = tag_for(step)
     folder = d / tag
     rank, _ = dist.world()
 
     def prepare() -> None:
+        bad = first_nonfinite(engine.module.state_dict())
+        if bad is not None:  # the training loop stops first; this is the last line of defence
+            from .engine import NonFiniteError
+
+            raise NonFiniteError(f"{folder}: not saved, parameter {bad} holds NaN or inf")
         if (d / LATEST).exists() and (d / LATEST).read_text().strip() == tag:
             raise CheckpointError(f"{folder}: refusing to write over the checkpoint `latest` names")
         if folder.exists():  # an interrupted save of this step, or a complete one of an abandoned timeline
@@ -239,11 +256,12 @@ def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, 
         folder.mkdir(parents=True, exist_ok=True)
 
     dist.agree(prepare if rank == 0 else (lambda: None), f"preparing {folder}")
-    if hasattr(engine, "save_checkpoint"):  # DeepSpeed: model + optimizer shards from every rank
+    if hasattr(engine, "save_checkpoint") and not weights_only:  # DeepSpeed: model + optimizer shards
         engine.save_checkpoint(str(d), tag=tag, client_state={}, save_latest=False)
     elif rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()},
-                  str(folder / "model.safetensors"))
+        save_file({k: (v.float() if v.is_floating_point() and weights_only else v).detach().cpu().contiguous()
+                   for k, v in engine.module.state_dict().items()}, str(folder / "model.safetensors"))
+    if rank == 0 and not weights_only and not hasattr(engine, "save_checkpoint"):
         torch.save({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
                     "micro": engine.micro, "global_steps": engine.global_steps}, folder / "optimizer.pt")
     _crash_point(tag)
@@ -257,10 +275,14 @@ def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, 
         if best:
             _write_pointer(d / BEST, tag)
         # Keep the newest `keep` complete checkpoints, counting this one whatever its step (after a
-        # rollback an older-numbered checkpoint is the latest), and always the one `best` names.
+        # rollback an older-numbered checkpoint is the latest), always the one `best` names, and the
+        # newest one training can continue from.
         keep_best = (d / BEST).read_text().strip() if (d / BEST).exists() else None
         others = sorted(p for p in d.glob("step_????????") if p.is_dir() and p.name not in (tag, keep_best)
                         and (p / COMPLETE).exists())
+        if weights_only:
+            full = [p for p in others if _read_json(p / STATE).get("resumable", True)]
+            others = [p for p in others if p not in full[-1:]]
         for old in others[:max(0, len(others) - (keep - 1))] if keep > 0 else []:
             (old / COMPLETE).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)

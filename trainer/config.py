@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,9 +81,13 @@ class TrainConfig:
     val_every: int = 0
     val_batches: int = 8
     val_split: Literal["train", "val", "test"] = "val"
+    # A non-finite loss or gradient norm: stop (name the step and the last good checkpoint; nothing
+    # non-finite is saved) or skip_step (no update, counted; stop after max_nonfinite_in_row in a row).
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
+    max_nonfinite_in_row: int = 10
 
     def validate(self) -> None:
-        for k in ("batch_size", "grad_accum", "log_every"):
+        for k in ("batch_size", "grad_accum", "log_every", "max_nonfinite_in_row"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("epochs", "max_steps", "num_threads"):
@@ -119,7 +126,16 @@ class CheckpointConfig:
     dir: str = "runs/etth1"
     every: int = 0  # save every K steps; 0 saves only at the end
     keep: int = 3
-    resume: str = "none"  # none | auto | <checkpoint folder>
+    # none: a new run (refused if ckpt.dir already holds another run's checkpoints, unless overwrite);
+    # auto: continue from the newest checkpoint in ckpt.dir (or start if there is none);
+    # <checkpoint folder>: continue from that one; an older one of this run starts a new branch
+    # (the newer checkpoints move to checkpoints/abandoned/<time>_after_<tag>/, never deleted)
+    resume: str = "none"
+    overwrite: bool = False  # start over in a folder holding a run (also with resume=auto): its outputs are removed
+    # Write the optimizer state (2x the weights with Adam) only with checkpoints at multiples of
+    # every * K steps and the final one; the others hold fp32 weights only (for evaluation and
+    # publishing, not for resuming), so a long run's disk use stays near keep x the weights' size.
+    save_optimizer_every: int = 0
     remote: str = ""  # mirror every complete checkpoint to this fsspec URL (s3://...); resume=auto reads it too
     storage_options: dict = field(default_factory=dict)  # fsspec options for `remote` and `publish` URLs
     publish: str = ""  # publish the final checkpoint to this folder/URL at the end of the run
@@ -134,6 +150,8 @@ class CheckpointConfig:
             raise ValueError(f"every must be >= 0 (0 saves only at the end), got {self.every}")
         if self.keep < 0:
             raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {self.keep}")
+        if self.save_optimizer_every < 0:
+            raise ValueError(f"save_optimizer_every must be >= 0 (0: every checkpoint), got {self.save_optimizer_every}")
         if not self.dir:
             raise ValueError("dir must name the run folder")
         if not self.resume:
@@ -321,3 +339,79 @@ def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
         else:
             overrides.append(a)
     return path, overrides
+
+
+# ----------------------------------------------------------------------------- help
+
+def config_help(cls: type = Config) -> str:
+    """Every key of the tree `cls`, one per line: `key  type  default  # comment`. The entry points'
+    `--help` prints this, generated from the dataclasses (the defaults as that entry point sets them,
+    each field's trailing comment), so it lists exactly what load_config accepts."""
+    rows: list[tuple[str, str, str, str]] = []
+    _help_rows(cls, cls(), "", rows)
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    indent = " " * (w0 + w1 + 8)  # a long comment continues under the defaults column
+    return "\n".join(f"  {k:<{w0}}  {t:<{w1}}  {d}" + (
+        "\n" + textwrap.fill(c, 110, initial_indent=indent + "# ", subsequent_indent=indent + "  ")
+        if len(d) + len(c) > 60 else f"  # {c}" if c else "") for k, t, d, c in rows)
+
+
+def _help_rows(cls: type, obj: Any, prefix: str, rows: list) -> None:
+    """Append cls's keys; obj holds the defaults, or None for a list item's class (its field defaults)."""
+    hints = typing.get_type_hints(cls)
+    notes = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        value = getattr(obj, f.name) if obj is not None else _field_default(f)
+        if dataclasses.is_dataclass(tp):
+            _help_rows(tp, value, key + ".", rows)
+            continue
+        default = "(required)" if value is dataclasses.MISSING else json.dumps(value)
+        rows.append((key, _type_name(tp), default, notes.get(f.name, "")))
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+        if dataclasses.is_dataclass(item):  # a list of sections (e.g. a suite's tasks): each item's keys
+            _help_rows(item, None, key + "[].", rows)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join("..." if a is Ellipsis else _type_name(a) for a in args) + "]"
+    if origin is list:
+        return f"[{_type_name(args[0]) if args else 'any'}, ...]"
+    if tp is dict or origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment} from the class source: the `#` lines just above it, then its trailing
+    `# comment`; empty when the source is unavailable."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    notes, block = {}, []
+    for line in src.splitlines():
+        if re.match(r"^    #", line):
+            block.append(line.strip()[1:].strip())
+            continue
+        m = re.match(r"^    (\w+): [^#\n]*(?:#\s*(.+))?$", line)
+        if m:
+            text = " ".join(block + ([m.group(2)] if m.group(2) else []))
+            if text:
+                notes[m.group(1)] = text
+        block = []
+    return notes

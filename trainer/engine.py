@@ -16,6 +16,11 @@ import torch
 from .config import REPO_ROOT, Config
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm (train.on_nonfinite); nothing non-finite
+    was saved. The message names the step and the last good checkpoint."""
+
+
 def _resolve(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() or p.exists() else REPO_ROOT / p
@@ -96,9 +101,8 @@ class PlainEngine:
                              betas=tuple(p.get("betas", (0.9, 0.999))), eps=p.get("eps", 1e-8),
                              weight_decay=p.get("weight_decay", 0.0))
         if lr_lambda is None:
-            sp = ds["scheduler"]["params"]
-            total, warm, floor = sp["total_num_steps"], sp.get("warmup_num_steps", 0), sp.get("cos_min_ratio", 0.0)
-            lr_lambda = lambda s: warmup_cosine(s, total, warm, floor)  # noqa: E731
+            raise ValueError(f"scheduler {ds.get('scheduler', {}).get('type')!r}: the plain engine supports "
+                             f"WarmupCosineLR or a client schedule")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
         self.accum = int(ds.get("gradient_accumulation_steps", 1))
@@ -125,8 +129,9 @@ class PlainEngine:
             return
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip if self.clip > 0 else float("inf"))
         self.grad_norm = float(norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        if math.isfinite(self.grad_norm):  # a non-finite update is dropped, as DeepSpeed's ZeRO optimizers do
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 
@@ -137,11 +142,65 @@ class PlainEngine:
         return self.grad_norm
 
 
+def step_unless_nonfinite(engine) -> bool:
+    """engine.step(), except that an update whose gradient norm is NaN/inf is dropped (gradients
+    cleared, optimizer state and schedule untouched) on every engine: the plain engine and DeepSpeed's
+    ZeRO optimizers drop it themselves, DeepSpeed without ZeRO is checked here before its step.
+    False when dropped. Under fp16 DeepSpeed's loss scaler owns overflows (routine, not divergence)."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    if isinstance(engine, PlainEngine):
+        engine.step()
+        return not boundary or math.isfinite(engine.grad_norm)
+    if not boundary or engine.fp16_enabled():
+        engine.step()
+        return True
+    if not engine.zero_optimization():  # the gradients are whole (and all-reduced) on every rank here
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            engine.zero_grad()
+            engine.micro_steps += 1  # what its step() counts: the next accumulation window stays aligned
+            return False
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return engine.was_step_applied() and (norm is None or math.isfinite(norm))
+
+
+class NonFiniteGuard:
+    """train.on_nonfinite for one run: `stop` raises at the first non-finite loss or gradient norm;
+    `skip_step` counts the dropped updates and raises after `max_in_row` of them in a row."""
+
+    def __init__(self, policy: str, max_in_row: int):
+        self.policy, self.max_in_row = policy, max_in_row
+        self.skipped = self.in_row = 0
+
+    def check(self, what: str | None, where: str, saved: str) -> None:
+        """`what`: "loss" or "gradient norm" when non-finite, None for a good update; `where` (the step)
+        and `saved` (what the run kept) go into the error."""
+        if what is None:
+            self.in_row = 0
+            return
+        self.skipped += 1
+        self.in_row += 1
+        if self.policy == "stop":
+            raise NonFiniteError(f"non-finite {what} at {where}; stopped, {saved} "
+                                 f"(train.on_nonfinite=skip_step skips such updates instead)")
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteError(f"non-finite {what} at {where}, {self.in_row} skipped updates in a row "
+                                 f"(train.max_nonfinite_in_row={self.max_in_row}); stopped, {saved}")
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, device: torch.device, total_steps: int,
                  load_universal: bool = False, param_groups: list[dict] | None = None, lr_lambda=None):
     """`param_groups`: torch optimizer groups (e.g. an encoder group with its own lr); `lr_lambda`: a
     step -> multiplier function, or one per group, replacing the JSON's warmup-cosine schedule."""
     ds = deepspeed_config(cfg, total_steps)
+    sched = ds.get("scheduler", {})
+    if lr_lambda is None and sched.get("type") == "WarmupCosineLR":
+        # Ours in both engines: DeepSpeed's own class applies its first rate (0) for two updates, so
+        # every later rate one update late against the plain engine's LambdaLR.
+        sp = sched["params"]
+        total, warm, floor = sp["total_num_steps"], sp.get("warmup_num_steps", 0), sp.get("cos_min_ratio", 0.0)
+        lr_lambda = lambda s: warmup_cosine(s, total, warm, floor)  # noqa: E731
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     params = param_groups if param_groups is not None else [p for p in model.parameters()]

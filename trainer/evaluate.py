@@ -88,8 +88,9 @@ def _run(cmd: list[str], log: Path) -> float:
 
 
 def _recipe(command: list[str]) -> list[str]:
-    """A pre-training command less where it wrote: a moved repo or results folder still matches."""
-    return [c for c in command if not c.startswith(("ckpt.dir=", "ckpt.publish="))]
+    """A pre-training command less where it wrote (and how it resumed): a moved repo or results folder
+    still matches."""
+    return [c for c in command if not c.startswith(("ckpt.dir=", "ckpt.publish=", "ckpt.resume="))]
 
 
 def pretrain_stage(cfg: EvalConfig, out: Path) -> tuple[str, Optional[float]]:
@@ -97,7 +98,8 @@ def pretrain_stage(cfg: EvalConfig, out: Path) -> tuple[str, Optional[float]]:
     published = _published(cfg, out)
     run_dir = published.parent
     cmd = [sys.executable, "trainer/pretrain.py", "--config", cfg.pretrain_config, *cfg.pretrain_overrides,
-           f"ckpt.dir={run_dir}", f"ckpt.publish={published}", "train.progress=false"]
+           f"ckpt.dir={run_dir}", f"ckpt.publish={published}", "train.progress=false",
+           "ckpt.resume=auto"]  # a stage that crashed continues from its last checkpoint
     provenance = run_dir / "pretrain_command.json"
     if (published / "model.safetensors").exists():
         # Reuse only the checkpoint this recipe would produce: a stale one would mislabel every record.
@@ -152,7 +154,7 @@ def run(cfg: EvalConfig) -> list[dict]:
             raise RuntimeError(f"random init copies the architecture of {published}, which does not exist: "
                                f"put simmtm first in `inits` or point `published` at a published folder")
         cmd = [*shlex.split(cfg.launcher), *([] if cfg.launcher else [sys.executable]), "trainer/finetune.py",
-               "--config", cfg.finetune_config, *ft_overrides, f"task.kind={cfg.task}", *init_args, f"out={ft_out}"]
+               "--config", cfg.finetune_config, "train.progress=false", *ft_overrides, f"task.kind={cfg.task}", *init_args, f"out={ft_out}"]
         if h is not None:
             cmd.append(f"task.horizon={h}")
         wall = _run(cmd, out / "logs" / f"finetune-{tag}.log")
@@ -260,12 +262,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         a = ap.parse_args(argv[1:])
         report(a.results, a.json, a.md)
         return
+    from trainer import suite
+    from trainer.cli import show_help
+
+    if show_help(argv, __doc__ + "\nA config file with `kind: foundation` runs a foundation suite (SuiteConfig); "
+                 "`--report` prints its tables from the records.", EvalConfig, suite.SuiteConfig):
+        return
     report_only = "--report" in argv
     argv = [a for a in argv if a != "--report"]
     path, overrides = split_cli(argv)
     if path is not None and _is_suite(path):  # a foundation suite: many sets x regimes x seeds, in-process
-        from trainer import suite
-
         cfg = load_config(path, overrides, cls=suite.SuiteConfig)
         if report_only:
             print(suite.markdown(load_records(suite.out_dir(cfg) / "results.json"), cfg))
@@ -286,4 +292,6 @@ def _is_suite(path: str) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    from trainer import cli
+
+    sys.exit(cli.run(main))

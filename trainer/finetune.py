@@ -35,8 +35,9 @@ from models.heads import Classifier, Forecaster
 from models.hub import load_state
 from trainer import distributed as dist
 from trainer.config import REPO_ROOT, DistConfig, OptimConfig, TrainConfig, load_config, split_cli, to_dict
-from trainer.engine import build_engine
+from trainer.engine import NonFiniteError, NonFiniteGuard, build_engine, step_unless_nonfinite
 from trainer.metrics import classification_metrics
+from trainer.monitor import progress_bar
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _ft_optim() -> OptimConfig:
 
 
 def _ft_train() -> TrainConfig:
-    return TrainConfig(batch_size=16, epochs=10, log_every=50, progress=False)
+    return TrainConfig(batch_size=16, epochs=10, log_every=50)
 
 
 @dataclass
@@ -292,23 +293,32 @@ def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Mod
 # ----------------------------------------------------------------------------- train / evaluate
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, kind: str, batch_size: int, env) -> dict:
-    """Sharded over ranks (item i on rank i % world), sums all-reduced: identical on every rank."""
+def evaluate(model: torch.nn.Module, split: Split, kind: str, batch_size: int, env,
+             desc: Optional[str] = None) -> dict:
+    """Sharded over ranks (item i on rank i % world), sums all-reduced: identical on every rank.
+    `desc`: label of a progress bar on rank 0 (a long test split otherwise runs silently for minutes)."""
     was_training = model.training
     model.eval()
     idx = torch.arange(env.rank, len(split.x), env.world_size)
+    starts = range(0, len(idx), batch_size)
+    bar = progress_bar(len(starts), desc or "", desc is not None and env.is_main, unit="batch")
     if kind == "forecast":
         acc = torch.zeros(3, dtype=torch.float64)
-        for i in range(0, len(idx), batch_size):
+        for i in starts:
             b = idx[i:i + batch_size]
             err = model(split.x[b].to(env.device)).double().cpu() - split.y[b].double()
             acc += torch.stack([err.pow(2).sum(), err.abs().sum(), torch.tensor(float(err.numel()))])
+            bar.update()
+        bar.close()
         if env.distributed:
             dist.all_reduce_sum_(acc)
         model.train(was_training)
         return {"mse": float(acc[0] / acc[2]), "mae": float(acc[1] / acc[2]), "loss": float(acc[0] / acc[2])}
-    logits = [model(split.x[idx[i:i + batch_size]].to(env.device)).float().cpu()
-              for i in range(0, len(idx), batch_size)]
+    logits = []
+    for i in starts:
+        logits.append(model(split.x[idx[i:i + batch_size]].to(env.device)).float().cpu())
+        bar.update()
+    bar.close()
     mine = (idx.numpy(), torch.cat(logits).numpy() if logits else np.zeros((0, 0), np.float32))
     parts = dist.all_gather_object(mine) if env.distributed else [mine]
     order = np.concatenate([p[0] for p in parts])
@@ -360,6 +370,15 @@ def lr_schedule(task: TaskConfig, optim, steps_per_epoch: int, total: int) -> tu
     def encoder(s: int) -> float:
         return 0.0 if (task.mode == "linear_probe" or s < join) else enc_base(s)
     return [encoder, head], join
+
+
+def _update(engine, loss: torch.Tensor) -> Optional[str]:
+    """Backward and optimizer step, unless the loss (on any rank) or the gradient norm is non-finite:
+    then the update is dropped on every rank and the answer names what was non-finite."""
+    if dist.all_reduce_sum_(torch.tensor([float(not torch.isfinite(loss.detach()))]))[0] > 0:
+        return "loss"
+    engine.backward(loss)
+    return None if step_unless_nonfinite(engine) else "gradient norm"
 
 
 def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> dict:
@@ -416,6 +435,7 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
                "lr": cfg.optim.lr * cfg.task.encoder_lr_mult},
               {"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.optim.lr}]
     keep = [i for i, g in enumerate(groups) if g["params"]]  # a frozen encoder (linear probe): no group (ZeRO needs none empty)
+    lr_keys = [("lr_encoder", "lr_head")[i] for i in keep]
     engine, _ = build_engine(model, cfg, env.device, total, param_groups=[groups[i] for i in keep],
                              lr_lambda=[lambdas[i] for i in keep])
     module = engine.module
@@ -427,30 +447,41 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
         flush=True)
 
     best, best_score, best_epoch, bad, step, history = None, None, -1, 0, 0, []
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_row)
+    show = cfg.train.progress and env.is_main
+    bar = progress_bar(total, "fine-tune", show)
     t0 = time.perf_counter()
     for epoch in range(cfg.train.epochs):
         _set_train_mode(module, cfg.task.mode, probing=step < join)  # join falls on an epoch boundary
         perm = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         mine = perm[:per_rank * env.world_size][env.rank::env.world_size]
-        total_loss = 0.0
+        losses, lr = [], {}  # the epoch's applied updates: their losses, the rates the last one used
         for i in range(0, per_rank, bs):
             b = mine[i:i + bs]
             out = engine(train.x[b].to(env.device))
             target = train.y[b].to(env.device)
             loss = F.mse_loss(out, target) if kind == "forecast" else F.cross_entropy(out, target)
-            engine.backward(loss)
-            engine.step()
-            total_loss += float(loss.detach())
+            rates = engine.get_lr()  # the rates this step's update uses (read before the schedule moves)
             step += 1
+            what = _update(engine, loss)
+            guard.check(what, f"fine-tuning step {step} (epoch {epoch})", "nothing saved")
+            if what is None:
+                losses.append(float(loss.detach()))
+                lr = dict(zip(lr_keys, rates))
+            bar.update()
+            bar.set_postfix(loss=losses[-1] if losses else float("nan"), refresh=False)
             if step >= total:
                 break
-        val = evaluate(module, data["val"], kind, cfg.task.eval_batch_size, env)
+        val = evaluate(module, data["val"], kind, cfg.task.eval_batch_size, env,
+                       desc=f"val (epoch {epoch})" if show else None)
         score = _score(kind, val)
-        improved = best_score is None or score < best_score
-        history.append({"epoch": epoch, "train_loss": total_loss / max(1, steps_per_epoch),
+        # a non-finite validation score means diverged weights: never selected
+        improved = all(map(math.isfinite, score)) and (best_score is None or score < best_score)
+        history.append({"epoch": epoch, "train_loss": sum(losses) / len(losses) if losses else float("nan"), **lr,
                         **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - t0})
         log(f"  epoch {epoch}: train {history[-1]['train_loss']:.4f} val {score[0]:.4f}"
-            f"{' *' if improved else ''} ({history[-1]['seconds']:.0f}s)", flush=True)
+            f"{' *' if improved else ''} lr {lr.get('lr_head', float('nan')):.2e} "
+            f"({history[-1]['seconds']:.0f}s)", flush=True)
         if improved:
             best_score, best_epoch, bad = score, epoch, 0
             best = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -458,10 +489,15 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
             bad += 1
         if bad >= cfg.task.patience or step >= total:
             break
+    bar.close()
     train_seconds = time.perf_counter() - t0
+    if best is None:
+        raise NonFiniteError(f"fine-tuning: no epoch of {len(history)} ended with a finite validation score "
+                             f"(the weights diverged); stopped, nothing saved")
     module.load_state_dict(best)  # the validation-selected weights; test is read only below, once
     t1 = time.perf_counter()
-    test = evaluate(module, data["test"], kind, cfg.task.eval_batch_size, env) if cfg.task.evaluate_test else {}
+    test = (evaluate(module, data["test"], kind, cfg.task.eval_batch_size, env, desc="test" if show else None)
+            if cfg.task.evaluate_test else {})
     result = {
         "task": kind, "init": cfg.init, "mode": cfg.task.mode, "label_fraction": cfg.task.label_fraction,
         "horizon": cfg.task.horizon if kind == "forecast" else None,
@@ -471,7 +507,7 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
         "train_seconds": train_seconds, "test_seconds": time.perf_counter() - t1,
         "best_epoch": best_epoch, "epochs_run": len(history), "steps": step, "n_train": len(train.x),
         "n_val": len(data["val"].x), "n_test": len(data["test"].x), "world_size": env.world_size,
-        "engine": "deepspeed" if cfg.dist.deepspeed else "torch", "history": history,
+        "engine": "deepspeed" if cfg.dist.deepspeed else "torch", "skipped_steps": guard.skipped, "history": history,
         "seq_len": arch.seq_len, "num_classes": num_classes or None,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
     }
@@ -491,8 +527,13 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    from trainer.cli import show_help
+
+    argv = sys.argv[1:] if argv is None else argv
+    if show_help(argv, __doc__, FinetuneConfig):
+        return None
+    path, overrides = split_cli(argv)
     cfg = load_config(path, overrides, cls=FinetuneConfig)
     try:
         result = finetune(cfg)
@@ -504,5 +545,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
-    dist.exit_process(0)
+    from trainer import cli
+
+    dist.exit_process(cli.run(main))

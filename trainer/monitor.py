@@ -20,9 +20,18 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "step"):
+    """A tqdm bar on stderr, or (disabled: another rank, or train.progress=false) one whose methods do
+    nothing, so loops update it without branching."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=1.0,
+                disable=not enabled)
+
+
 class Monitor:
     def __init__(self, is_main: bool, log_dir: Optional[str], total_steps: int, progress: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, start_step: int = 0):
         self.is_main = is_main
         self.writer = None
         self.bar = None
@@ -31,11 +40,13 @@ class Monitor:
         if tensorboard and log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=os.path.join(log_dir, "tb"))
+            # Events an earlier attempt logged after `start_step` (a crash after the resumed checkpoint,
+            # or a run replaced with ckpt.overwrite) are purged, so every step's curve is one line.
+            self.writer = SummaryWriter(log_dir=os.path.join(log_dir, "tb"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="pretrain", unit="step", dynamic_ncols=True,
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=1.0)
 
     def print(self, *args) -> None:

@@ -21,10 +21,10 @@ import torch
 
 from data_pipeline import build_loader
 from models import Gather, SimMTM
-from trainer import checkpoint
+from trainer import checkpoint, runs
 from trainer import distributed as dist
 from trainer.config import REPO_ROOT, Config, ConfigError, load_config, split_cli, to_dict
-from trainer.engine import build_engine, epoch_cosine
+from trainer.engine import NonFiniteGuard, build_engine, epoch_cosine, step_unless_nonfinite
 from trainer.monitor import Monitor, Throughput, peak_memory_gb
 
 
@@ -32,34 +32,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
-    """(checkpoint folder, tag to resume from or None) for ckpt.resume = none | auto | <path>."""
-    ckpt_dir = Path(cfg.ckpt.dir) / "checkpoints"
-    if cfg.ckpt.resume == "none":
-        return ckpt_dir, None
-    if cfg.ckpt.resume == "auto":
-        tag = checkpoint.latest_tag(ckpt_dir)
-        if cfg.ckpt.remote:  # the mirror may hold a newer checkpoint (e.g. node-local disks were lost)
-            remote = checkpoint.remote_latest(cfg.ckpt.remote, cfg.ckpt.storage_options)
-            if remote is not None and (tag is None or remote > tag):
-                checkpoint.download(cfg.ckpt.remote, remote, ckpt_dir, cfg.ckpt.storage_options,
-                                    dist.discover().local_rank)
-                tag = remote
-        return ckpt_dir, tag
-    p = Path(cfg.ckpt.resume)
-    if not p.is_dir():
-        raise checkpoint.CheckpointError(f"ckpt.resume: {p} is not a checkpoint folder")
-    return p.parent, p.name
 
 
 def constraint_bounds(num_views: int, num_series: int) -> dict:
@@ -154,12 +126,28 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"train.val_split={cfg.train.val_split!r}: the best checkpoint must be chosen on held-back "
                           f"data, not on the {'test' if cfg.train.val_split == 'test' else 'training'} split")
     resolve_paths(cfg)
-    resume_dir, resume_tag = find_resume(cfg)
+    run_dir, ckpt_dir = Path(cfg.ckpt.dir), Path(cfg.ckpt.dir) / "checkpoints"
+    resume_dir, resume_tag = runs.find_resume(cfg)
     saved = checkpoint.read_state(resume_dir, resume_tag) if resume_tag else None
+    if saved is not None and not saved.get("resumable", True):
+        raise checkpoint.CheckpointError(
+            f"{resume_dir / resume_tag}: holds weights only (ckpt.save_optimizer_every), so training cannot "
+            f"continue from it exactly; resume from a checkpoint saved with its optimizer state")
     world = dist.discover().world_size
     use_ds = cfg.dist.deepspeed or world > 1 or (saved is not None and saved["engine"] == "deepspeed")
     cfg.dist.deepspeed = use_ds
+    # settings the checkpoint cannot honour are refused before any process group exists
+    changes = runs.config_changes(saved["config"], to_dict(cfg), saved["step"]) if saved is not None else []
     env = dist.setup(cfg.dist.backend, use_deepspeed=use_ds)
+    run_note = ""
+    if cfg.ckpt.overwrite and (saved is None or resume_dir.resolve() != ckpt_dir.resolve()):
+        gone = dist.agree(lambda: runs.clear(run_dir) if env.is_main else [], f"clearing {run_dir}")
+        run_note = f", replacing the run in {run_dir} (removed {', '.join(gone)})" if gone else ""
+    elif saved is not None and resume_dir.resolve() == ckpt_dir.resolve():
+        aside = dist.agree(lambda: runs.branch(ckpt_dir, resume_tag) if env.is_main else None,
+                           f"branching {ckpt_dir} at {resume_tag}")
+        if aside is not None:
+            run_note = f", a new branch from {resume_tag}: the newer checkpoints moved to {aside}"
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed + env.rank)
@@ -184,7 +172,6 @@ def train(cfg: Config) -> dict:
         else Gather(reduce=reduce)
 
     step, epoch, history = 0, 0, []
-    ckpt_dir = Path(cfg.ckpt.dir) / "checkpoints"
     resume_note = ""
     best = None  # {"tag", "step", "val_loss"}: the checkpoint with the lowest validation loss so far
     if saved is not None:
@@ -214,6 +201,13 @@ def train(cfg: Config) -> dict:
                    f"restoring {ckpt_dir / checkpoint.BEST}")
         if best is not None:
             resume_note += f" (best so far: {best['tag']}, val loss {best['val_loss']:.4f})"
+        if changes:
+            resume_note += f"; applied from step {step}: {runs.describe(changes)}"
+        if step >= total:
+            resume_note += (f"; finished already, nothing to train (a larger train.max_steps trains on, "
+                            f"ckpt.overwrite=true starts over)")
+    # every setting changed on resume, with the step it took effect at, across all resumes of this run
+    config_changes = (saved.get("config_changes", []) if saved is not None else []) + changes
 
     val_batches = None
     if cfg.train.val_every > 0:
@@ -222,29 +216,39 @@ def train(cfg: Config) -> dict:
         checkpoint.set_rng_state(rng, None)
     num_views = cfg.model.num_views
     bounds = None  # constraint-loss reference values, from the first batch's series count
-    monitor = Monitor(env.is_main, cfg.ckpt.dir, total, cfg.train.progress, cfg.log.tensorboard)
+    monitor = Monitor(env.is_main, cfg.ckpt.dir, total, cfg.train.progress, cfg.log.tensorboard, start_step=step)
     monitor.print(f"simmtm: {n_params / 1e6:.1f}M parameters, "
                   f"{env.world_size} rank(s) [{env.launcher}] on {env.device}, "
                   f"engine={'deepspeed' if use_ds else 'torch'}, {total} steps ({steps_per_epoch}/epoch), "
                   f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} accum"
                   + (f", validation every {cfg.train.val_every} steps on {len(val_batches)} batch(es)/rank of "
                      f"split {cfg.train.val_split!r}" if val_batches else "")
-                  + resume_note)
+                  + run_note + resume_note)
     if env.is_main:
         Path(cfg.ckpt.dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.ckpt.dir) / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         (Path(cfg.ckpt.dir) / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
-    def save(at_step: int, is_best: bool = False) -> Path:
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0) if use_ds else 0
+    if cfg.ckpt.save_optimizer_every > 0 and zero_stage == 3:
+        raise ConfigError("ckpt.save_optimizer_every: weights-only checkpoints need whole parameters on rank 0; "
+                          "ZeRO-3 partitions them (use 0, or ZeRO stage <= 2)")
+
+    def save(at_step: int, is_best: bool = False, final: bool = False) -> Path:
+        k, every = cfg.ckpt.save_optimizer_every, cfg.ckpt.every
+        full = final or k == 0 or (every > 0 and at_step % (every * k) == 0)
         shared = {"step": at_step, "epoch": epoch, "history": history, "config": to_dict(cfg),
                   "world_size": env.world_size, "engine": "deepspeed" if use_ds else "torch",
-                  "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0) if use_ds else 0}
+                  "zero_stage": zero_stage, "resumable": full, "config_changes": config_changes}
         if best is not None:
             shared["best"] = best
         if bounds is not None:
             shared["constraint_num_series"] = bounds["num_series"]
+        if guard.skipped:
+            shared["nonfinite_skipped"] = guard.skipped
         per_rank = {"rng": checkpoint.rng_state(generator), "data": loader.state_dict()}
-        folder = checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep, best=is_best)
+        folder = checkpoint.save(engine, ckpt_dir, at_step, shared, per_rank, cfg.ckpt.keep, best=is_best,
+                                 weights_only=not full)
         if cfg.ckpt.remote:
             checkpoint.upload(folder, cfg.ckpt.remote, cfg.ckpt.storage_options, env.local_rank, cfg.ckpt.keep,
                               best=best["tag"] if best else None)
@@ -254,7 +258,9 @@ def train(cfg: Config) -> dict:
     engine.train()
     acc = {"loss": 0.0, "loss_rec": 0.0, "loss_cl": 0.0}
     micro = 0
-    last_saved = None
+    last_saved = resume_dir / resume_tag if saved is not None else None
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_row)
+    guard.skipped = saved.get("nonfinite_skipped", 0) if saved is not None else 0
     final_is_best = False
     wait_mark = loader.wait_seconds
     while step < total:
@@ -267,7 +273,7 @@ def train(cfg: Config) -> dict:
                          global_aggregation=cfg.dist.global_aggregation, details=want_image)
             lr = engine.get_lr()[0]  # the rate this step uses
             engine.backward(out["loss"])
-            engine.step()
+            applied = step_unless_nonfinite(engine)  # False: a non-finite update, dropped on every rank
             for k in acc:
                 acc[k] += float(out[k].detach()) / cfg.train.grad_accum
             micro += 1
@@ -275,9 +281,18 @@ def train(cfg: Config) -> dict:
             wait_mark = loader.wait_seconds
             if micro % cfg.train.grad_accum:
                 continue
-            step += 1
             means = {k: float(dist.all_reduce_mean(torch.tensor(v))) for k, v in acc.items()}
             acc = {k: 0.0 for k in acc}
+            if not applied or not all(map(math.isfinite, means.values())):
+                # stop; or skip_step: the batch is dropped, the step not counted, the schedule not moved
+                guard.check("loss" if not math.isfinite(means["loss"]) else "gradient norm", f"step {step + 1}",
+                            f"nothing from it was saved; the last good checkpoint is {last_saved}" if last_saved
+                            else "nothing from it was saved, and no checkpoint was saved before it")
+                monitor.print(f"step {step + 1}: non-finite update dropped ({guard.in_row} in a row, "
+                              f"{guard.skipped} in all)")
+                continue
+            guard.check(None, "", "")
+            step += 1
             rates = meter.rates()
             record = {"step": step, **means, "lr": lr, "series_per_s": rates["series_per_s"],
                       "time_s": meter.elapsed}
@@ -309,6 +324,7 @@ def train(cfg: Config) -> dict:
                                    "weight/sigma_rec": float(out["sigma_rec"]),
                                    "weight/sigma_cl": float(out["sigma_cl"]), "lr": record["lr"],
                                    "grad_norm": float(gn) if gn is not None else float("nan"),
+                                   "nonfinite/skipped": guard.skipped,
                                    "throughput/series_per_s": rates["series_per_s"],
                                    "throughput/points_per_s": rates["points_per_s"],
                                    "data/wait_fraction": rates["data_wait_fraction"],
@@ -331,9 +347,7 @@ def train(cfg: Config) -> dict:
     # The final state, unless it is exactly the checkpoint this run resumed from (a finished run
     # started again): writing over the checkpoint `latest` names would put it at risk for nothing.
     if saved is None or step != saved["step"]:
-        last_saved = save(step, is_best=final_is_best)
-    else:
-        last_saved = resume_dir / resume_tag
+        last_saved = save(step, is_best=final_is_best, final=True)
     digests = dist.all_gather_object(dist.parameter_digest(engine.module))
     data_stats = dist.sum_counters(loader.stats)
     rates = meter.rates()
@@ -343,7 +357,7 @@ def train(cfg: Config) -> dict:
                "peak_memory_gb": peak_memory_gb(env.device), "elapsed_s": meter.elapsed,
                "world_size": env.world_size, "checkpoint": str(last_saved), "data_stats": data_stats,
                "replicas_identical": len(set(digests)) == 1, "parameter_digests": digests,
-               "history": history}
+               "nonfinite_skipped": guard.skipped, "config_changes": config_changes, "history": history}
     if bounds is None and saved is not None:  # nothing trained this time: the resumed run's series count
         n0 = saved.get("constraint_num_series")
         bounds = constraint_bounds(num_views, n0) if n0 else None
@@ -365,7 +379,7 @@ def train(cfg: Config) -> dict:
     summary["best"] = best
     if best is not None:
         summary["best_checkpoint"] = str(ckpt_dir / best["tag"])
-    monitor.hparams(_flatten(to_dict(cfg)), {"final/loss_rec": summary["last"]["loss_rec"] if history else 0.0})
+    monitor.hparams(runs.flatten(to_dict(cfg)), {"final/loss_rec": summary["last"]["loss_rec"] if history else 0.0})
     monitor.close()
     dist.release_engine(engine)
     if env.is_main:
@@ -416,6 +430,11 @@ def print_summary(s: dict) -> None:
         if cl and "val_last_formed" in cl:
             text += f" ({100 * cl['val_last_formed']:.0f}% of the way)"
         rows.append(("validation loss", text))
+    if s.get("nonfinite_skipped"):
+        rows.append(("non-finite updates", f"{s['nonfinite_skipped']} dropped (train.on_nonfinite=skip_step)"))
+    if s.get("config_changes"):
+        rows.append(("changed on resume", "; ".join(f"{c['key']} {c['from']!r} -> {c['to']!r} at step {c['step']}"
+                                                    for c in s["config_changes"])))
     if s.get("best"):
         rows.append(("best checkpoint", f"{s['best']['tag']} (step {s['best']['step']}, "
                                         f"val loss {s['best']['val_loss']:.4f})"))
@@ -438,8 +457,13 @@ def print_summary(s: dict) -> None:
     sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None) -> Optional[dict]:
+    from trainer.cli import show_help
+
+    argv = sys.argv[1:] if argv is None else argv
+    if show_help(argv, __doc__, Config):
+        return None
+    path, overrides = split_cli(argv)
     cfg = load_config(path, overrides)
     try:
         return train(cfg)
@@ -448,9 +472,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        dist.exit_process(2)
-    dist.exit_process(0)
+    from trainer import cli
+
+    dist.exit_process(cli.run(main))

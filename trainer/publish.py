@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from models import SimMTM, SimMTMConfig
-from models.hub import join, save_pretrained, write_bytes
+from models.hub import first_nonfinite, join, save_pretrained, write_bytes
 from trainer import checkpoint
 from trainer.config import REPO_ROOT
 
@@ -52,7 +52,7 @@ def consolidated_state(ckpt_dir: Path, tag: str, state: dict) -> dict:
     """One fp32 state dict, whatever the engine and ZeRO stage that wrote the checkpoint."""
     folder = ckpt_dir / tag
     checkpoint.verify(folder)
-    if state["engine"] != "deepspeed":
+    if state["engine"] != "deepspeed" or not state.get("resumable", True):  # ours: model.safetensors
         try:
             return load_file(str(folder / "model.safetensors"))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
@@ -143,6 +143,10 @@ def publish(ckpt: str | Path, out: str, include_heads: bool = True, storage_opti
     cfg = state["config"]
     model = SimMTM(SimMTMConfig(**cfg["model"]))
     sd = consolidated_state(ckpt_dir, tag, state)
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise checkpoint.CheckpointError(f"{ckpt_dir / tag}: tensor {bad} holds NaN or inf (a diverged run); "
+                                         f"refusing to publish it (publish an earlier checkpoint folder)")
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -167,7 +171,9 @@ def publish(ckpt: str | Path, out: str, include_heads: bool = True, storage_opti
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from trainer.cli import DEBUG_EPILOG
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=DEBUG_EPILOG)
     ap.add_argument("checkpoint")
     ap.add_argument("out")
     ap.add_argument("--no-heads", action="store_true", help="publish the encoder only")
@@ -176,14 +182,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--storage-options", default="{}", help="JSON passed to fsspec for OUT (e.g. endpoint_url)")
     a = ap.parse_args(argv)
     try:
-        m = publish(a.checkpoint, a.out, include_heads=not a.no_heads, storage_options=json.loads(a.storage_options),
-                    prefer="last" if a.last else "best")
-    except checkpoint.CheckpointError as e:
-        print(f"publish: {e}", file=sys.stderr)
-        sys.exit(2)
+        storage_options = json.loads(a.storage_options)
+    except json.JSONDecodeError as e:
+        ap.error(f"--storage-options: not valid JSON ({e})")
+    m = publish(a.checkpoint, a.out, include_heads=not a.no_heads, storage_options=storage_options,
+                prefer="last" if a.last else "best")
     val = f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""
     print(f"published {m['checkpoint']} ({m['selected']}: step {m['steps']}{val}) -> {a.out}")
 
 
 if __name__ == "__main__":
-    main()
+    from trainer import cli
+
+    sys.exit(cli.run(main))

@@ -116,7 +116,7 @@ def run(cfg: SuiteConfig, only: Optional[list[str]] = None) -> list[dict]:
                         key = (cfg.name, task.name, h, regime, init, seed)
                         if key in done:
                             continue
-                        overrides = [*cfg.finetune_overrides, *task.overrides,
+                        overrides = ["train.progress=false", *cfg.finetune_overrides, *task.overrides,
                                      *cfg.regime_overrides.get(regime, []), *cfg.init_overrides.get(init, []),
                                      f"task.kind={task.kind}",
                                      f"data.source={task.source}", f"task.mode={mode}",
