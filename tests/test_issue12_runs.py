@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from models import SimMTM
+from tests.s3_server import s3  # noqa: F401 - session fixture
 from trainer import checkpoint
 from trainer.engine import NonFiniteError
 from trainer.pretrain import main
@@ -194,3 +195,16 @@ def test_both_engines_apply_and_log_the_same_learning_rates(tmp_path):
                          f"ckpt.dir={tmp_path / engine}", "log.tensorboard=false"))
         rates[engine] = [h["lr"] for h in summary(tmp_path / engine)["history"]]
     assert rates["false"] == rates["true"] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 0.5e-3, 0.0])
+
+
+def test_rollback_moves_the_mirrors_latest_too(tmp_path, s3):  # noqa: F811
+    """With ckpt.remote, resume=auto after a crash reads the mirror when it is newer: a rollback must
+    point the mirror's `latest` back as well, or the abandoned timeline would come back from S3."""
+    from trainer import runs
+
+    remote = f"s3://{s3['new_bucket']('rollback')}/run"
+    pretrain(tmp_path, "train.max_steps=6", f"ckpt.remote={remote}",
+             f"ckpt.storage_options={json.dumps(s3['storage_options'])}")
+    runs.branch(tmp_path / "checkpoints", "step_00000004", remote, s3["storage_options"])
+    bucket, prefix = remote[5:].split("/", 1)
+    assert s3["client"].get_object(Bucket=bucket, Key=f"{prefix}/latest")["Body"].read().decode() == "step_00000004"

@@ -422,6 +422,17 @@ def upload(folder: Path, remote: str, storage_options: Optional[dict], local_ran
     dist.agree(publish_pointer, f"publishing {remote}/{tag}")
 
 
+def set_remote_latest(remote: str, tag: str, storage_options: Optional[dict]) -> None:
+    """Point the mirror's `latest` at `tag` (a rollback), so resume=auto never downloads the abandoned
+    timeline's newer checkpoint. Rank 0 only."""
+    from data_pipeline.fs import filesystem, retrying
+
+    fs, base = filesystem(remote, storage_options)
+    if not fs.exists(f"{base}/{tag}/{COMPLETE}"):
+        raise CheckpointError(f"{remote}/{tag}: not a complete checkpoint, cannot be named latest")
+    retrying(lambda: fs.pipe_file(f"{base}/{LATEST}", tag.encode()), "upload latest")
+
+
 def remote_latest(remote: str, storage_options: Optional[dict]) -> Optional[str]:
     from data_pipeline.fs import filesystem
 

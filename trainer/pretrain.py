@@ -144,7 +144,8 @@ def train(cfg: Config) -> dict:
         gone = dist.agree(lambda: runs.clear(run_dir) if env.is_main else [], f"clearing {run_dir}")
         run_note = f", replacing the run in {run_dir} (removed {', '.join(gone)})" if gone else ""
     elif saved is not None and resume_dir.resolve() == ckpt_dir.resolve():
-        aside = dist.agree(lambda: runs.branch(ckpt_dir, resume_tag) if env.is_main else None,
+        aside = dist.agree(lambda: runs.branch(ckpt_dir, resume_tag, cfg.ckpt.remote, cfg.ckpt.storage_options)
+                           if env.is_main else None,
                            f"branching {ckpt_dir} at {resume_tag}")
         if aside is not None:
             run_note = f", a new branch from {resume_tag}: the newer checkpoints moved to {aside}"

@@ -101,10 +101,11 @@ def clear(run_dir: Path) -> list[str]:
     return gone
 
 
-def branch(ckpt_dir: Path, tag: str) -> Optional[Path]:
+def branch(ckpt_dir: Path, tag: str, remote: str = "", storage_options: Optional[dict] = None) -> Optional[Path]:
     """Resuming this run from an older checkpoint than `latest`: start a new branch there. The newer
     checkpoints (and their universal conversions) move to checkpoints/abandoned/<time>_after_<tag>/,
-    where nothing reads or prunes them, and `latest` names `tag`. Rank 0; returns the folder or None."""
+    where nothing reads or prunes them, and `latest` names `tag`, here and on the `remote` mirror.
+    Rank 0; returns the folder or None."""
     latest = checkpoint.latest_tag(ckpt_dir)
     newer = sorted(p for p in ckpt_dir.glob("step_????????*") if p.is_dir() and p.name[:13] > tag)
     if latest is None or latest <= tag and not newer:
@@ -112,6 +113,8 @@ def branch(ckpt_dir: Path, tag: str) -> Optional[Path]:
     aside = ckpt_dir / ASIDE / f"{time.strftime('%Y%m%d-%H%M%S')}_after_{tag}"
     aside.mkdir(parents=True, exist_ok=True)
     checkpoint.set_latest(ckpt_dir, tag)  # first: `latest` never names a folder being moved
+    if remote:
+        checkpoint.set_remote_latest(remote, tag, storage_options)
     for p in newer:
         p.rename(aside / p.name)
     best = ckpt_dir / checkpoint.BEST
