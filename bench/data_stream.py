@@ -73,11 +73,12 @@ def run_pandas(name: str, workers: int, t0: float) -> tuple[int, int, float]:
     return n, pts, first
 
 
-def run_stream(source: str, workers: int, t0: float, so: dict | None = None) -> tuple[int, int, float]:
+def run_stream(source: str, workers: int, t0: float, so: dict | None = None,
+               batch: int = BATCH) -> tuple[int, int, float]:
     cfg = DataConfig(source=source, num_workers=workers, storage_options=so or {})
     n = pts = 0
     first = None
-    for x in build_loader(cfg, seq_len=L, batch_size=BATCH, seed=SEED):
+    for x in build_loader(cfg, seq_len=L, batch_size=batch, seed=SEED):
         first = first or time.perf_counter() - t0
         n += x.shape[0]
         pts += x.numel()

@@ -28,14 +28,18 @@ from bench.results_io import write_result  # noqa: E402
 BATCH = 16
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """GFLOP/s of the best of 3 rounds of `repeats` n x n x n GEMMs (bench/gpu_check.py: bf16 on CUDA)."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()
         for _ in range(repeats):
             torch.mm(a, b)
+        sync()
         best = min(best, (time.perf_counter() - t) / repeats)
     return 2 * n ** 3 / best / 1e9
 

@@ -55,43 +55,58 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
-def one(n: int, width: int, path: str) -> dict:
-    """Runs in a child process: inputs, reset the peak mark, forward + backward, report."""
+def one(n: int, width: int, path: str, device: str = "cpu", dtype: str = "fp32", block: int | None = BLOCK) -> dict:
+    """Runs in a child process (or, on CUDA, anywhere: the peak is the allocator's): inputs, reset the
+    peak mark, forward + backward, report. `dtype`: of s, z and the matmuls (bf16 as under DeepSpeed);
+    `block`: rows per block (None: the model's automatic choice). "inputs_gb": s, z and the upstream
+    gradient, so peak_gb + inputs_gb is everything this call held."""
     sys.path.insert(0, str(ROOT))
     import torch
 
     from models.blockwise import similarity_and_losses
-    from models.simmtm import positive_index
+    from models.simmtm import _DTYPES, positive_index
 
-    torch.set_num_threads(THREADS)
+    cuda = device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(THREADS)
     dense_bytes = 1 << 62 if path == "dense" else 0
+    dt = _DTYPES[dtype]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(s, z, up, si, pos, n0):
-        loss_cl, z_agg, _ = similarity_and_losses(s, s, z, si, pos, TAU, n_agg=n0, block=BLOCK,
+        loss_cl, z_agg, _ = similarity_and_losses(s, s, z, si, pos, TAU, n_agg=n0, dtype=dt, block=block,
                                                   dense_bytes=dense_bytes)
         (loss_cl + (z_agg * up).sum()).backward()
 
     def inputs(n, width):
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
         n0 = n // 4
-        s = torch.randn(n, H, generator=g).requires_grad_()
-        z = torch.randn(n, width, generator=g).requires_grad_()
-        up = torch.randn(n0, width, generator=g) / n0
-        return s, z, up, torch.arange(n), positive_index(n, n0, M, 0, "cpu"), n0
+        s = torch.randn(n, H, generator=g, device=device, dtype=dt).requires_grad_()
+        z = torch.randn(n, width, generator=g, device=device, dtype=dt).requires_grad_()
+        up = torch.randn(n0, width, generator=g, device=device, dtype=dt) / n0
+        return s, z, up, torch.arange(n, device=device), positive_index(n, n0, M, 0, device), n0
 
     step(*inputs(256, 16))  # warm up kernels and thread pools outside the measurement
     x = inputs(n, width)
-    reps = 3 if n <= 4096 else 1
-    open("/proc/self/clear_refs", "w").write("5")  # peak RSS mark := current RSS (inputs allocated)
-    base = _rss_gb()
+    reps = 3 if n <= 4096 or cuda else 1  # CUDA: milliseconds each; the best of 3
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        open("/proc/self/clear_refs", "w").write("5")  # peak RSS mark := current RSS (inputs allocated)
+        base = _rss_gb()
     times = []
     for _ in range(reps):
         x[0].grad = x[1].grad = None
         t = time.perf_counter()
         step(*x)
+        sync()
         times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if cuda else _rss_gb() - base
     secs = min(times)
-    return {"n": n, "value_width": width, "path": path, "peak_gb": _rss_gb() - base,
+    return {"n": n, "value_width": width, "path": path, "peak_gb": peak, "dtype": dtype,
+            "inputs_gb": sum(t.numel() * t.element_size() for t in x[:3]) / 1e9,
             "fwd_bwd_s": secs, "gflops": 3 * forward_flops(n, width) / secs / 1e9}
 
 

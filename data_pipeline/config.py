@@ -7,7 +7,7 @@ from typing import Literal
 
 @dataclass
 class DataConfig:
-    # A manifest (.json), a folder with manifest.json, a shard URL or glob (local, s3://, memory://, any
+    # A manifest (.json), a folder with manifest.json, a shard URL or glob (local, s3://, memory://, hf://, any
     # fsspec URL), or a raw file (TSLib CSV, TF-C .pt, .npy/.npz, UCR .tsv) converted under `cache_dir` on
     # first use. See data_pipeline/README.md.
     source: str = "data/ETTh1.csv"

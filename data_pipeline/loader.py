@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -212,9 +212,10 @@ def _close_open_loaders() -> None:
 class StreamLoader:
     """Iterable over [B, C, L] float32 batches; see build_loader for the contract."""
 
-    def __init__(self, dataset: ShardStream, num_workers: int = 0, prefetch: int = 4):
+    def __init__(self, dataset: ShardStream, num_workers: int = 0, prefetch: int = 4, pin_memory: bool = False):
         self.dataset = dataset
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.workers = max(1, num_workers)
         self.prefetch = max(1, prefetch)
         self.wait_seconds = 0.0
@@ -328,10 +329,12 @@ class StreamLoader:
             return
         ds.resume = {w: tuple(st["workers"][w]) for w in range(self.workers)}
         if self.num_workers == 0:
-            source: Any = _ThreadSource(iter(ds), self.prefetch)
+            chunks = iter(ds)
+            source: Any = _ThreadSource(_pinned(chunks, torch.cuda.current_device()) if self.pin_memory else chunks,
+                                        self.prefetch)
         else:
             dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
-                            persistent_workers=False)
+                            persistent_workers=False, pin_memory=self.pin_memory)
             source = iter(dl)
         ds.resume = {}
         buffers: dict[int, deque] = {w: deque() for w in range(self.workers)}
@@ -380,13 +383,14 @@ class StreamLoader:
 def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 2023, *, split: Optional[str] = None, overlap: Optional[int] = None,
                  shuffle: Optional[bool] = None, infinite: Optional[bool] = None,
-                 drop_last: bool = True) -> StreamLoader:
+                 drop_last: bool = True, pin_memory: bool = False) -> StreamLoader:
     """The trainer's data: `for batch in loader` gives [batch_size, C, seq_len] float32 tensors
     (C = 1 with channels: independent), the same number of batches on every rank (= len(loader)).
 
     Keyword overrides are for evaluation/fine-tuning: another split, forecasting windows
     (seq_len=L+H, overlap=L), no shuffle, and drop_last=False (then ranks may differ in steps:
-    single-process evaluation only).
+    single-process evaluation only). `pin_memory` (needs CUDA): batches in page-locked memory, pinned
+    off the training thread, for `to_device`'s asynchronous copies.
     """
     cfg.validate()
     manifest = resolve_manifest(cfg.source, fmt=cfg.format, cache_dir=cfg.cache_dir,
@@ -405,7 +409,39 @@ def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, 
                      retries=cfg.retries, backoff=cfg.retry_backoff, read_ahead=cfg.read_ahead,
                      storage_options=cfg.storage_options, drop_last=drop_last, verify=cfg.verify_checksums,
                      io_timeout=cfg.io_timeout)
-    return StreamLoader(ds, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+    return StreamLoader(ds, num_workers=cfg.num_workers, prefetch=cfg.prefetch, pin_memory=pin_memory)
+
+
+def _pinned(chunks: Iterator, device: int) -> Iterator:
+    """The stream's chunks copied to page-locked memory on the producer thread (the pinned buffers
+    come from `device`'s context, not a new one on GPU 0)."""
+    torch.cuda.set_device(device)
+    try:
+        for chunk, infos in chunks:
+            yield chunk.pin_memory(), infos
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def to_device(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """`batches` on `device`. On CUDA each is copied on a side stream (non-blocking, from pinned
+    memory) that the compute stream then waits for: the training loop does not stop the host between
+    log steps, so it queues batch k+1's copy while the GPU still computes batch k, and the two
+    overlap. Nothing is fetched ahead on the host: the loader's resume state would then count a
+    batch not yet trained on. Elsewhere a plain `.to(device)` (the same tensor on the CPU)."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield batch.to(device)
+        return
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    for batch in batches:
+        with torch.cuda.stream(side):
+            x = batch.to(device, non_blocking=True)
+        compute.wait_stream(side)
+        x.record_stream(compute)  # allocated on the side stream, used on the compute stream
+        yield x
 
 
 def load_split_array(source: str, split: str, seq_len: int, *, cache_dir: str = "data/shards",

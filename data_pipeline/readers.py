@@ -78,7 +78,12 @@ def tslib_borders(n_rows: int, rule: str, name: str) -> Optional[dict]:
     raise DataError(f"unknown borders rule {rule!r} (auto, ett-hour, ett-minute, ratio, none)")
 
 
-def _infer_freq(pd, dates) -> Optional[str]:
+def date_column(df):
+    """The name of a CSV's time column, recognised by name in any case (None: it has none)."""
+    return next((c for c in df.columns if str(c).lower() in ("date", "time", "timestamp", "datetime")), None)
+
+
+def infer_freq(pd, dates) -> Optional[str]:
     if len(dates) < 3:
         return None
     try:
@@ -121,14 +126,14 @@ def read_csv(path: str, data: bytes, borders: str = "auto") -> RawInput:
     if len(df) == 0:  # checked first: a header-only file's columns have no numeric dtype either
         raise DataError(f"{path}: no rows (header only: {[str(c) for c in df.columns]})")
     name = stem(path)
-    date_col = next((c for c in df.columns if str(c).lower() in ("date", "time", "timestamp", "datetime")), None)
+    date_col = date_column(df)
     start = freq = None
     if date_col is not None:
         dates = pd.to_datetime(df[date_col], errors="coerce")
         df = df.drop(columns=[date_col])
         if len(dates) and not pd.isna(dates.iloc[0]):
             start = dates.iloc[0].isoformat()
-            freq = _infer_freq(pd, dates.iloc[:100])
+            freq = infer_freq(pd, dates.iloc[:100])
     # pandas' own predicates: numpy's issubdtype raises on pandas extension dtypes (StringDtype, ...)
     bad = [c for c in df.columns
            if not pd.api.types.is_numeric_dtype(df[c].dtype) or pd.api.types.is_bool_dtype(df[c].dtype)]

@@ -2,14 +2,20 @@
 
 The encoder maps [N, L] univariate series to [N, T, d] tokens; heads read those tokens. Both
 task models normalise each input series (instance norm, as in pre-training) and keep channels
-independent, so a checkpoint pre-trained on C channels fine-tunes on any channel count.
+independent, so a checkpoint pre-trained on C channels fine-tunes on any channel count. Both are
+published models too (`from_pretrained` / `save_pretrained`, models/hub.py): config.json's "task"
+section holds what rebuilds the head.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
+from .config import SimMTMConfig
 from .encoder import Encoder, instance_norm
+from .hub_mixin import HubMixin
 
 
 class ForecastHead(nn.Module):
@@ -43,7 +49,18 @@ class ClassifyHead(nn.Module):
         return self.linear(self.drop(pooled))
 
 
-class Forecaster(nn.Module):
+def task_section(config: dict, kind: str, folder: str) -> dict:
+    """config.json's "task" section, which must describe a `kind` model."""
+    task = config.get("task")
+    if not task:
+        raise ValueError(f"{folder}: config.json has no 'task' section: a pre-trained encoder, not a fine-tuned "
+                         f"model (load it with models.load_pretrained, or fine-tune it with trainer/finetune.py)")
+    if task.get("kind") != kind:
+        raise ValueError(f"{folder}: a {task.get('kind')!r} model, not a {kind!r} model")
+    return task
+
+
+class Forecaster(nn.Module, HubMixin):
     """[B, C, L] history -> [B, C, H] forecast, channel-independent, de-normalised."""
 
     def __init__(self, encoder: Encoder, horizon: int, dropout: float = 0.0):
@@ -58,8 +75,17 @@ class Forecaster(nn.Module):
         y = self.head(self.encoder(xn.to(dtype))).float() * std + mean
         return y.view(b, c, -1)
 
+    def config_sections(self) -> dict:
+        return {"model": dataclasses.asdict(self.encoder.cfg),
+                "task": {"kind": "forecast", "horizon": self.head.linear.out_features, "dropout": self.head.drop.p}}
 
-class Classifier(nn.Module):
+    @classmethod
+    def from_config(cls, cfg: SimMTMConfig, config: dict, folder: str) -> "Forecaster":
+        task = task_section(config, "forecast", folder)
+        return cls(Encoder(cfg), task["horizon"], task["dropout"])
+
+
+class Classifier(nn.Module, HubMixin):
     """[B, C, L] -> [B, classes] logits."""
 
     def __init__(self, encoder: Encoder, num_classes: int, dropout: float = 0.0, pool: str = "flatten"):
@@ -71,3 +97,13 @@ class Classifier(nn.Module):
         b, c, length = x.shape
         xn, _, _ = instance_norm(x.reshape(b * c, length).float())
         return self.head(self.encoder(xn.to(self.encoder.embed.weight.dtype)), c).float()
+
+    def config_sections(self) -> dict:
+        return {"model": dataclasses.asdict(self.encoder.cfg),
+                "task": {"kind": "classify", "num_classes": self.head.linear.out_features,
+                         "dropout": self.head.drop.p, "pool": self.head.pool}}
+
+    @classmethod
+    def from_config(cls, cfg: SimMTMConfig, config: dict, folder: str) -> "Classifier":
+        task = task_section(config, "classify", folder)
+        return cls(Encoder(cfg), task["num_classes"], task["dropout"], task["pool"])

@@ -1,13 +1,19 @@
-"""Published weights: `model.safetensors` + `config.json`, on a local path or any fsspec URL.
+"""Published weights in the Hugging Face layout: `model.safetensors` + `config.json`, in a local folder, at
+any fsspec URL (s3://, memory://, hf://...) or in a Hugging Face Hub repository (`owner/name`).
 
-Only torch and safetensors are needed to load (no DeepSpeed, no pickle), so anyone can fine-tune
-a published checkpoint. fsspec is imported only for URLs.
+Why our own `from_pretrained` on huggingface_hub's `PyTorchModelHubMixin`: the mixin gives the models the
+conventions users of other time-series foundation models expect (`Model.from_pretrained`,
+`save_pretrained`, `push_to_hub`), but loads whatever pickle or safetensors file it finds, unchecked, and
+reads local folders and the Hub only. Here every source goes through `load_state`: safetensors only, the
+weights verified against the `weights_sha256` in config.json, non-finite tensors refused, the file at
+fault named. Loading needs torch, safetensors and huggingface_hub only (no DeepSpeed, no pickle).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -16,11 +22,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import SimMTMConfig
 from .encoder import Encoder
+from .config import SimMTMConfig
 from .simmtm import SimMTM
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells repository ids
 
 
 def _is_url(path: str) -> bool:
@@ -69,18 +76,24 @@ def first_nonfinite(state: dict) -> Optional[str]:
     return next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
-def save_pretrained(model: SimMTM, folder: str, extra: Optional[dict] = None, include_heads: bool = True,
-                    storage_options: Optional[dict] = None) -> None:
-    """Write fp32 weights (encoder, and optionally the pre-training heads) and the architecture."""
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
-             if include_heads or k.startswith("encoder.")}
-    meta = {"format": "simmtm", "include_heads": str(include_heads)}
-    weights = st_save(state, metadata=meta)
+def write_folder(folder: str, state: dict, config: dict, storage_options: Optional[dict] = None,
+                 metadata: Optional[dict] = None) -> None:
+    """fp32 `state` as model.safetensors, then `config` + the weights' digest as config.json (the config last:
+    a folder whose config.json exists is complete)."""
+    weights = st_save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, metadata=metadata)
     write_bytes(join(folder, WEIGHTS), weights, storage_options)
     # The weights' digest in the config: a file whose tensors were edited still parses, this catches it.
-    config = {"model": dataclasses.asdict(model.cfg), **(extra or {}),
-              "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    config = {**config, "weights_sha256": hashlib.sha256(weights).hexdigest()}
     write_bytes(join(folder, CONFIG), json.dumps(config, indent=2).encode(), storage_options)
+
+
+def save_pretrained(model: SimMTM, folder: str, extra: Optional[dict] = None, include_heads: bool = True,
+                    storage_options: Optional[dict] = None) -> None:
+    """Publish a SimMTM model: fp32 weights (encoder, and optionally the pre-training heads) and the
+    architecture, plus `extra` config sections."""
+    state = {k: v for k, v in model.state_dict().items() if include_heads or k.startswith("encoder.")}
+    write_folder(folder, state, {"model": dataclasses.asdict(model.cfg), **(extra or {})}, storage_options,
+                 {"format": "simmtm", "include_heads": str(include_heads)})
 
 
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints"  # models shipped with the repository
@@ -97,13 +110,29 @@ def resolve(folder: str) -> str:
     return folder
 
 
+def locate(name: str, **hub_kwargs) -> str:
+    """`resolve`, then a Hub repository id that is no local path -> its snapshot in the Hugging Face cache.
+    `hub_kwargs`: huggingface_hub.snapshot_download's (revision, token, cache_dir, local_files_only...)."""
+    folder = resolve(name)
+    if _is_url(folder) or Path(folder).exists() or not REPO_ID.fullmatch(folder):
+        return folder
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(folder, allow_patterns=[CONFIG, WEIGHTS], **hub_kwargs)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        raise FileNotFoundError(f"{folder}: no such local folder, and not loadable from the Hugging Face Hub "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+
+
 def load_state(folder: str, storage_options: Optional[dict] = None,
                allow_unverified: bool = False) -> tuple[SimMTMConfig, dict, dict]:
     """(architecture, fp32 state dict, the whole config.json) with clear errors for bad files.
-    `folder`: a local folder, an fsspec URL, or a bundled model's name (see `resolve`). Weights without
-    a recorded weights_sha256 cannot be told from edited ones: refused unless `allow_unverified`.
-    Non-finite weights are always refused: they only ever come from a diverged run."""
-    folder = resolve(folder)
+    `folder`: a local folder, an fsspec URL, a bundled model's name or a Hub repository id (see `locate`).
+    Weights without a recorded weights_sha256 cannot be told from edited ones: refused unless
+    `allow_unverified`. Non-finite weights are always refused: they only ever come from a diverged run."""
+    folder = locate(folder)
     cfg_path, w_path = join(folder, CONFIG), join(folder, WEIGHTS)
     try:
         config = json.loads(read_bytes(cfg_path, storage_options))
@@ -137,26 +166,16 @@ def load_state(folder: str, storage_options: Optional[dict] = None,
 
 def load_pretrained(folder: str, storage_options: Optional[dict] = None,
                     allow_unverified: bool = False) -> Encoder:
-    """Rebuild the pre-trained encoder from a published folder (local path or URL) or a bundled model's
-    name. Input [N, L] univariate series (instance-normalised as in pre-training) -> [N, T, d] tokens.
-    `allow_unverified`: see `load_state`."""
-    folder = resolve(folder)
-    cfg, state, _ = load_state(folder, storage_options, allow_unverified)
-    enc = Encoder(cfg)
-    prefix = "encoder."
-    enc_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        enc.load_state_dict(enc_state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{join(folder, WEIGHTS)}: weights do not match config.json: {e}") from None
-    return enc.eval()
+    """Rebuild the pre-trained encoder (`Encoder.from_pretrained`). Input [N, L] univariate series
+    (instance-normalised as in pre-training) -> [N, T, d] tokens. `allow_unverified`: see `load_state`."""
+    return Encoder.from_pretrained(folder, storage_options=storage_options, allow_unverified=allow_unverified)
 
 
 def load_simmtm(folder: str, storage_options: Optional[dict] = None,
                 allow_unverified: bool = False) -> SimMTM:
     """The whole pre-training model (needs a folder published with the heads); `allow_unverified`: see
     `load_state`."""
-    folder = resolve(folder)
+    folder = locate(folder)
     cfg, state, _ = load_state(folder, storage_options, allow_unverified)
     model = SimMTM(cfg)
     try:

@@ -30,9 +30,14 @@ def geometric_mask(n: int, length: int, ratio: float, lm: float,
     inv_m = 1.0 / math.log1p(-1.0 / lm) if lm > 1 else -0.0
     inv_u = 1.0 / math.log1p(-1.0 / lu) if lu > 1 else -0.0
     # Each (masked, kept) pair covers lm + lu steps on average: draw enough stretches that running
-    # short is very unlikely, and top up (still vectorised) in the rare case it happens.
+    # short is very unlikely, and top up (still vectorised) in the rare case it happens. Asking
+    # "short?" is a host read, which on an accelerator stalls the host every batch: there draw
+    # `length` stretches, which always cover (each is at least one step). Same law either way.
     pairs = length / (lm + lu)
     k = 2 * min(length, int(math.ceil(pairs * 1.2 + 4 * math.sqrt(pairs) + 4)))
+    covered = device.type != "cpu"
+    if covered:
+        k = length
     u = torch.rand((n, k + 1), generator=generator, device=device)
     start = (u[:, :1] < ratio).float()  # [n, 1]: 1 = the chain starts masked
     # sign[n, k] = +1 where stretch k is masked: stretches alternate, starting in the start state.
@@ -40,7 +45,7 @@ def geometric_mask(n: int, length: int, ratio: float, lm: float,
     sign = alternate * (2.0 * start - 1.0)
     inv_log_q = sign * (0.5 * (inv_m - inv_u)) + 0.5 * (inv_m + inv_u)
     ends = (torch.log(u[:, 1:].clamp_(min=1e-12)).mul_(inv_log_q).floor_().add_(1.0)).cumsum_(1)
-    while bool((ends[:, -1] < length).any()):  # top-up: rare
+    while not covered and bool((ends[:, -1] < length).any()):  # top-up: rare
         more = torch.rand((n, k), generator=generator, device=device).clamp_(min=1e-12)
         ends = torch.cat([ends, ends[:, -1:] + torch.log(more).mul_(inv_log_q).floor_().add_(1.0).cumsum_(1)], 1)
     sign = sign.repeat(1, ends.shape[1] // k)  # stretches keep alternating across top-ups (k is even)

@@ -49,7 +49,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         xf = x.float()
         if self.training:
             reduce = reduce or (lambda t: t)
-            count = reduce(torch.tensor([float(x.shape[0])], device=x.device))
+            count = reduce(xf.new_full((1,), float(x.shape[0])))  # filled on the device: no host copy
             mean = reduce(xf.sum(0)) / count
             var = reduce(((xf - mean) ** 2).sum(0)) / count
             with torch.no_grad():
@@ -122,7 +122,7 @@ def similarity_logits(q: torch.Tensor, k: torch.Tensor, temperature: float,
 def mask_self(logits: torch.Tensor, self_index: torch.Tensor) -> torch.Tensor:
     """Put -inf at (i, self_index[i]): the diagonal by index, never a dense N x N mask."""
     return logits.index_put((torch.arange(logits.shape[0], device=logits.device), self_index),
-                            torch.tensor(float("-inf"), device=logits.device, dtype=logits.dtype))
+                            logits.new_full((), float("-inf")))  # filled on the device: no host copy
 
 
 def aggregate(logits: torch.Tensor, values: torch.Tensor, dtype: torch.dtype = torch.float32):

@@ -15,9 +15,10 @@ fi
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
 # DeepSpeed JIT-compiles a small CPU communication op on first use (~55 s); build it once here,
-# into the cache every later run reads.
+# into the cache every later run reads, with the venv's ninja as the runs use (trainer/distributed.py;
+# another ninja version would make the first run rebuild it).
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
-"$VENV/bin/python" -c "
+PATH="$(cd "$VENV/bin" && pwd):$PATH" "$VENV/bin/python" -c "
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 ShareMemCommBuilder().load(verbose=False)
 " >/dev/null 2>&1 || echo "note: DeepSpeed's CPU comm op was not prebuilt; it will build on first use" >&2

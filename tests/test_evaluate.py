@@ -63,4 +63,5 @@ def test_distributed_finetune_under_deepspeed_launcher(tmp_path):
     r = json.loads((out / "result.json").read_text())
     assert r["world_size"] == 2 and r["engine"] == "deepspeed"
     assert r["n_test"] == 2880 - 12 + 1 and math.isfinite(r["mse"])
+    assert r["season"] == 24 and math.isfinite(r["mase"]) and math.isfinite(r["skill"])  # sums all-reduced
     assert r["steps"] == math.ceil((r["n_train"] // 2) / 8)  # each rank: half the windows, same steps

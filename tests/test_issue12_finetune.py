@@ -16,7 +16,6 @@ from trainer.config import REPO_ROOT, load_config
 from trainer.engine import NonFiniteError
 from trainer.finetune import FinetuneConfig, Split, finetune, lr_schedule
 
-from .launch_utils import pretrain_cmd, run
 from .test_finetune import TINY_MODEL, _synthetic
 
 pytestmark = pytest.mark.usefixtures("restore_env")  # tests/conftest.py
@@ -139,13 +138,6 @@ def _published(tmp_path, nan: bool = False):
             p.view(-1)[0] = float("nan")
     save_pretrained(model, str(tmp_path / "pub"))
     return tmp_path / "pub", f"encoder.{name}"
-
-
-@pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pt")
-    run(pretrain_cmd("train.max_steps=2", f"ckpt.dir={out}"))
-    return out
 
 
 def test_publish_refuses_nonfinite_weights(pretrained_run, tmp_path, monkeypatch):

@@ -57,7 +57,13 @@ def suite_cfg(world, *extra) -> SuiteConfig:
 def test_suite_runs_resumes_and_reports(world, capsys):
     cfg = suite_cfg(world)
     records = run(cfg)
-    assert len(records) == 2 * 2 * 2 * 2  # tasks x regimes x seeds x inits (one horizon)
+    # tasks x regimes x seeds x inits (one horizon), and the forecasting set's baselines: seasonal naive
+    # once, DLinear per seed
+    assert len(records) == 2 * 2 * 2 * 2 + 1 + 2
+    baselines = [r for r in records if r["init"] not in ("simmtm", "random")]
+    assert {(r["init"], r["seed"]) for r in baselines} == {("seasonal_naive", None), ("dlinear", 0), ("dlinear", 1)}
+    assert all(r["task"] == "toy" and r["mase"] is not None and r["skill"] is not None for r in baselines)
+    records = [r for r in records if r not in baselines]
     by = {(r["task"], r["regime"], r["seed"], r["init"]): r for r in records}
     for (task, regime, seed, init), r in by.items():
         other = by[(task, regime, seed, "random" if init == "simmtm" else "simmtm")]
@@ -65,15 +71,16 @@ def test_suite_runs_resumes_and_reports(world, capsys):
         assert r["steps"] == other["steps"] or r["epochs_run"] != other["epochs_run"]  # same budget per epoch
         if regime == "linear_probe":
             assert r["trainable_params"] < by[(task, "full", seed, init)]["trainable_params"]
-    assert all(r["mse"] is not None for r in records if r["task"] == "toy")
+    assert all(r["mse"] is not None and r["mase"] is not None for r in records if r["task"] == "toy")
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records if r["task"] == "ucr")
     stamp = (world / "out" / "results.json").stat().st_mtime_ns
     again = run(cfg)  # resumes: nothing left to run, the file is not rewritten
-    assert len(again) == len(records) and (world / "out" / "results.json").stat().st_mtime_ns == stamp
+    assert len(again) == len(records) + len(baselines) and (world / "out" / "results.json").stat().st_mtime_ns == stamp
     text = (world / "out" / "results.md").read_text()
     assert "| toy | 12 | full |" in text and "| ucr | full |" in text and "Sets meeting both" in text
+    assert "| toy | 12 | seasonal naive (m=1) | - | 0 |" in text and "| toy | 12 | DLinear | full |" in text
     saved = json.loads((world / "out" / "results.json").read_text())
-    assert {r["seed"] for r in saved} == {0, 1}
+    assert {r["seed"] for r in saved} == {0, 1, None}
 
 
 def test_summary_gain_and_targets():

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from models.hub import first_nonfinite
 
 from . import distributed as dist
+from .engine import NonFiniteError, kernels_kept, torch_optimizer
 
 LATEST, BEST, COMPLETE, STATE = "latest", "best", "COMPLETE", "state.json"
 
@@ -245,8 +246,6 @@ def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, 
     def prepare() -> None:
         bad = first_nonfinite(engine.module.state_dict())
         if bad is not None:  # the training loop stops first; this is the last line of defence
-            from .engine import NonFiniteError
-
             raise NonFiniteError(f"{folder}: not saved, parameter {bad} holds NaN or inf")
         if (d / LATEST).exists() and (d / LATEST).read_text().strip() == tag:
             raise CheckpointError(f"{folder}: refusing to write over the checkpoint `latest` names")
@@ -339,6 +338,12 @@ def load(engine, ckpt_dir: str | Path, tag: str, load_optimizer: bool = True) ->
     folder = Path(ckpt_dir) / tag
     # once per node (ranks of a node read the same files); a bad file on one node stops every rank
     dist.agree(lambda: verify(folder) if dist.discover().local_rank == 0 else None, f"verifying {folder}")
+    with kernels_kept(torch_optimizer(engine)):  # fused on CUDA, whichever device wrote the checkpoint
+        _load(engine, ckpt_dir, tag, load_optimizer)
+
+
+def _load(engine, ckpt_dir: str | Path, tag: str, load_optimizer: bool) -> None:
+    folder = Path(ckpt_dir) / tag
     if hasattr(engine, "load_checkpoint"):
         with safe_torch_load():
             path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,

@@ -85,6 +85,11 @@ class TrainConfig:
     # non-finite is saved) or skip_step (no update, counted; stop after max_nonfinite_in_row in a row).
     on_nonfinite: Literal["stop", "skip_step"] = "stop"
     max_nonfinite_in_row: int = 10
+    # torch.compile the model (inductor, default mode; the first steps pay the compilation). Not
+    # max-autotune: it benchmarks kernels for minutes. No CUDA graphs (reduce-overhead): the forward
+    # breaks its graph at the mask generator, gathers across ranks inside autograd and runs between
+    # DeepSpeed's hooks, so captured pieces would be many and small. scripts/gpu_check.sh measures it.
+    compile: bool = False
 
     def validate(self) -> None:
         for k in ("batch_size", "grad_accum", "log_every", "max_nonfinite_in_row"):

@@ -112,11 +112,24 @@ def setup(backend: str = "auto", use_deepspeed: bool = False) -> DistEnv:
     if use_deepspeed:
         import deepspeed
 
+        _interpreter_bin_first_on_path()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         _unlink_shm_segment(env)
     elif env.distributed and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
     return env
+
+
+def _interpreter_bin_first_on_path() -> None:
+    """DeepSpeed JIT-loads its CPU comm op at init through torch, which runs `ninja` from PATH. A rank
+    started where the environment's bin folder is not on PATH (an ssh session of the pdsh runner, a
+    shell without the venv activated) finds another ninja, whose different log hash makes it rebuild
+    the shared cached op (a minute, then again for the next rank using the other one), or none, and
+    fails. The interpreter's own folder holds the ninja its packages installed."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
 
 
 SHM_DIR = "/dev/shm"

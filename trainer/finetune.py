@@ -2,14 +2,23 @@
 
     python trainer/finetune.py --config configs/finetune_etth1.yaml init=runs/etth1/published task.horizon=96
     deepspeed --num_gpus 2 trainer/finetune.py --config configs/finetune_etth1.yaml init=... (CPU: any --num_gpus)
+    python trainer/finetune.py --config configs/finetune_foundation.yaml task.mode=lora task.lora_rank=8
 
 Why it looks like this: the result must say what a checkpoint is worth downstream, so model selection
 and early stopping read the validation split only and the test split is evaluated exactly once, at the
 end, on every window (stride 1). Each rank trains on a stride of one shared per-epoch permutation of
 the training windows (the same number of steps everywhere); evaluation is sharded and all-reduced.
+Forecasts are scored by MSE/MAE and by MASE, sMAPE and skill against seasonal naive (trainer/metrics.py),
+whose scale and season come from the training split.
+
+LoRA (task.mode=lora) wraps the encoder with peft adapters on the projections named by task.lora_targets;
+the base weights stay frozen, the head trains fully, and the adapters take the encoder's place in LP-FT:
+the encoder group, its rate (encoder_lr_mult x optim.lr), joining after the head warm-up.
+`merged_for_export` folds them into the weights for a model that loads without peft.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -25,18 +34,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline import build_loader, load_split_array
+from data_pipeline import build_loader, load_split_array, resolve_manifest
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.readers import read_input
 from models import Encoder
 from models.config import SimMTMConfig
+from models.baselines import DLinear, seasonal_naive
 from models.heads import Classifier, Forecaster
 from models.hub import load_state
 from trainer import distributed as dist
 from trainer.config import REPO_ROOT, DistConfig, OptimConfig, TrainConfig, load_config, split_cli, to_dict
 from trainer.engine import NonFiniteError, NonFiniteGuard, build_engine, step_unless_nonfinite
-from trainer.metrics import classification_metrics
+from trainer.metrics import (SUMS, SeasonalScale, classification_metrics, forecast_metrics, forecast_sums,
+                             season_length, seasonal_scale)
 from trainer.monitor import progress_bar
 
 
@@ -44,7 +55,20 @@ from trainer.monitor import progress_bar
 class TaskConfig:
     kind: Literal["forecast", "classify"] = "forecast"
     horizon: int = 96  # forecast steps H (any positive value)
-    mode: Literal["full", "linear_probe"] = "full"  # linear_probe: frozen encoder, only the head trains
+    # linear_probe: frozen encoder, only the head trains; lora: frozen encoder + trained LoRA adapters
+    mode: Literal["full", "linear_probe", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # adapter scale alpha / rank
+    lora_dropout: float = 0.0  # peft's default; 0.05 made a CPU step ~1.6x a full one, not 1.2-1.3x (bench/lora_step.py)
+    # encoder modules that get adapters (peft target_modules: a name or dotted suffix): attention's input
+    # and output projections and both feed-forward layers (nn.Linear in models/encoder.py)
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.out", "ff.0", "ff.3"])
+    # dlinear: the linear baseline (models/baselines.py) in place of encoder + head, same data and
+    # selection (forecast, mode full; the window length is that of arch, init or model.seq_len)
+    baseline: Literal["", "dlinear"] = ""
+    # seasonal-naive period m for MASE / skill: 0 reads it from the data's frequency (metrics.season_length);
+    # a season longer than the input window falls back to 1 (the naive forecast must come from the window)
+    season: int = 0
     label_fraction: float = 1.0  # share of the training split used, drawn reproducibly (seeded by train.seed)
     head_dropout: float = 0.1  # the authors' forecasting-head dropout (their head_dropout)
     dropout: Optional[float] = 0.2  # the authors' encoder dropout (None: keep the checkpoint's pre-training value)
@@ -87,6 +111,14 @@ class TaskConfig:
             raise ValueError(f"head_warmup_epochs must be >= 0, got {self.head_warmup_epochs}")
         if not self.encoder_lr_mult >= 0.0:
             raise ValueError(f"encoder_lr_mult must be >= 0, got {self.encoder_lr_mult}")
+        if self.lora_rank < 1 or not self.lora_alpha > 0 or not 0.0 <= self.lora_dropout < 1.0 or not self.lora_targets:
+            raise ValueError(f"task.lora_rank must be >= 1, lora_alpha > 0, lora_dropout in [0, 1), lora_targets "
+                             f"not empty; got {self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}, {self.lora_targets}")
+        if self.baseline and (self.kind != "forecast" or self.mode != "full"):
+            raise ValueError(f"task.baseline={self.baseline} is a forecasting model trained whole: "
+                             f"needs task.kind=forecast and task.mode=full")
+        if self.season < 0:
+            raise ValueError(f"task.season must be >= 0 (0: from the data's frequency), got {self.season}")
 
 
 def _ft_optim() -> OptimConfig:
@@ -112,7 +144,9 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=_ft_optim)
     train: TrainConfig = field(default_factory=_ft_train)  # batch_size, epochs (max), seed, num_threads
     dist: DistConfig = field(default_factory=DistConfig)
-    out: str = ""  # folder for result.json (metrics, history, resolved config); empty: none
+    # folder for result.json (metrics, history, resolved config) and the selected model (model/, for
+    # python -m trainer.predict); empty: none
+    out: str = ""
     storage_options: dict = field(default_factory=dict)  # fsspec options for a URL init
 
 
@@ -122,6 +156,7 @@ class FinetuneConfig:
 class Split:
     x: torch.Tensor  # [N, C, L]
     y: torch.Tensor  # forecast: [N, C, H] float; classify: [N] long
+    seasonal: Optional[SeasonalScale] = None  # forecast: MASE's scale etc.; None: MSE/MAE only
 
 
 def _resolve(path: str) -> str:
@@ -152,17 +187,31 @@ def _stream_windows(cfg: DataConfig, split: str, seq_len: int, horizon: int, str
     return Split(w[..., :seq_len].contiguous(), w[..., seq_len:].contiguous())
 
 
+def _seasonal(cfg: FinetuneConfig, source: str, train: np.ndarray, seq_len: int) -> SeasonalScale:
+    """The training split's seasonal scale, with the season from task.season or the manifest's frequency
+    and the manifest's statistics (to undo the z-scoring for sMAPE)."""
+    dc = cfg.data
+    m = resolve_manifest(source, cache_dir=_resolve(dc.cache_dir), storage_options=dc.storage_options or None)
+    season = cfg.task.season or season_length(m.get("freq"))
+    season = season if season <= seq_len else 1
+    st = m["stats"]
+    return SeasonalScale(season, seasonal_scale(train, season), np.asarray(st["mean"], np.float64),
+                         np.asarray(st["std"], np.float64))
+
+
 def forecast_data(cfg: FinetuneConfig, seq_len: int) -> dict[str, Split]:
     """train (data.window_stride), val (task.val_stride) and test (task.test_stride, default every
-    window), z-scored on train stats."""
+    window), z-scored on train stats; single-series sets carry their training split's seasonal scale."""
     dc, h = replace(cfg.data, source=_resolve(cfg.data.source)), cfg.task.horizon
     strides = {"train": dc.window_stride, "val": cfg.task.val_stride, "test": cfg.task.test_stride}
-    out = {}
+    out, seasonal = {}, None
     for split, stride in strides.items():
         try:
             arr = load_split_array(dc.source, split, seq_len, cache_dir=_resolve(dc.cache_dir),
                                    storage_options=dc.storage_options or None)
-            out[split] = _windows(arr, seq_len, h, stride)
+            if split == "train":
+                seasonal = _seasonal(cfg, dc.source, arr, seq_len)
+            out[split] = replace(_windows(arr, seq_len, h, stride), seasonal=seasonal)
         except DataError as e:
             if "exactly one time-split series" not in str(e):
                 raise
@@ -264,8 +313,38 @@ def label_subset(n: int, fraction: float, seed: int, labels: Optional[np.ndarray
 
 # ----------------------------------------------------------------------------- model
 
+def with_lora(encoder: torch.nn.Module, task: TaskConfig) -> torch.nn.Module:
+    """The encoder wrapped by peft: LoRA adapters on task.lora_targets, every base weight frozen."""
+    from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers (seconds)
+
+    config = LoraConfig(r=task.lora_rank, lora_alpha=task.lora_alpha, lora_dropout=task.lora_dropout,
+                        target_modules=list(task.lora_targets), bias="none")
+    try:
+        return get_peft_model(encoder, config)
+    except ValueError as e:
+        names = sorted({n for n, _ in encoder.named_modules() if n})
+        raise ValueError(f"task.lora_targets={task.lora_targets}: {e} (encoder modules: {names[:12]} ...)") from None
+
+
+def merged_for_export(module: torch.nn.Module) -> torch.nn.Module:
+    """The model to save or serve: LoRA adapters merged into the encoder's weights (W + scale * BA, on a
+    copy, so the trained module keeps its adapters), a plain Forecaster/Classifier that loads without
+    peft. Any other model is returned as it is."""
+    if not hasattr(getattr(module, "encoder", None), "merge_and_unload"):
+        return module
+    merged = copy.deepcopy(module)
+    merged.encoder = merged.encoder.merge_and_unload().requires_grad_(True)
+    return merged
+
+
 def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Module, SimMTMConfig]:
-    """Encoder from a published checkpoint (or random, same architecture) plus a fresh head."""
+    """Encoder from a published checkpoint (or random, same architecture) plus a fresh head; LoRA
+    adapters on the encoder (task.mode=lora); or the DLinear baseline (task.baseline)."""
+    if cfg.task.baseline:  # the window length of the model it stands in for
+        src = cfg.arch or ("" if cfg.init == "random" else cfg.init)
+        arch = load_state(_resolve(src), cfg.storage_options or None)[0] if src else cfg.model
+        torch.manual_seed(cfg.train.seed + 1)
+        return DLinear(arch.seq_len, cfg.task.horizon), arch
     if cfg.init == "random":
         arch = load_state(_resolve(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model
     else:
@@ -287,6 +366,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Mod
         model = Classifier(encoder, num_classes, cfg.task.head_dropout, cfg.task.pool)
     if cfg.task.mode == "linear_probe":
         encoder.requires_grad_(False)
+    elif cfg.task.mode == "lora":  # after the head: its initial weights are those of every mode
+        model.encoder = with_lora(encoder, cfg.task)
     return model, arch
 
 
@@ -302,18 +383,24 @@ def evaluate(model: torch.nn.Module, split: Split, kind: str, batch_size: int, e
     idx = torch.arange(env.rank, len(split.x), env.world_size)
     starts = range(0, len(idx), batch_size)
     bar = progress_bar(len(starts), desc or "", desc is not None and env.is_main, unit="batch")
-    if kind == "forecast":
-        acc = torch.zeros(3, dtype=torch.float64)
+    if kind == "forecast":  # without a seasonal scale (multi-series sources): MSE and MAE only
+        channels = split.x.shape[1]
+        ref = split.seasonal or SeasonalScale(1, np.ones(channels), np.zeros(channels), np.ones(channels))
+        acc = torch.zeros(SUMS, channels, dtype=torch.float64)
         for i in starts:
             b = idx[i:i + batch_size]
-            err = model(split.x[b].to(env.device)).double().cpu() - split.y[b].double()
-            acc += torch.stack([err.pow(2).sum(), err.abs().sum(), torch.tensor(float(err.numel()))])
+            pred = model(split.x[b].to(env.device)).double().cpu()
+            naive = seasonal_naive(split.x[b], ref.season, pred.shape[-1])
+            acc += torch.from_numpy(forecast_sums(pred.numpy(), split.y[b].numpy(), naive.numpy(), ref))
             bar.update()
         bar.close()
         if env.distributed:
             dist.all_reduce_sum_(acc)
         model.train(was_training)
-        return {"mse": float(acc[0] / acc[2]), "mae": float(acc[1] / acc[2]), "loss": float(acc[0] / acc[2])}
+        m = forecast_metrics(acc.numpy(), ref)
+        if split.seasonal is None:
+            m.update(mase=None, smape=None, skill=None)
+        return {**m, "loss": m["mse"]}
     logits = []
     for i in starts:
         logits.append(model(split.x[idx[i:i + batch_size]].to(env.device)).float().cpu())
@@ -350,8 +437,9 @@ def lr_schedule(task: TaskConfig, optim, steps_per_epoch: int, total: int) -> tu
     Adam leaves its weights untouched whatever the engine or ZeRO stage."""
     from trainer.engine import authors_finetune, warmup_cosine
 
-    # the authors' schedule has no separate head phase: its first epoch runs head and encoder at lr / 25
-    warmup_epochs = 0 if task.schedule == "authors" else task.head_warmup_epochs
+    # the authors' schedule has no separate head phase: its first epoch runs head and encoder at lr / 25;
+    # a baseline has no encoder to hold back
+    warmup_epochs = 0 if task.schedule == "authors" or task.baseline else task.head_warmup_epochs
     join = 0 if task.mode == "linear_probe" else warmup_epochs * steps_per_epoch
     if join >= total:  # a run too short for a head phase and a full phase: full fine-tuning throughout
         join = 0
@@ -379,6 +467,9 @@ def _update(engine, loss: torch.Tensor) -> Optional[str]:
         return "loss"
     engine.backward(loss)
     return None if step_unless_nonfinite(engine) else "gradient norm"
+
+
+METRICS = ("mse", "mae", "mase", "smape", "skill", "accuracy", "macro_f1", "auroc")  # test metrics in a result
 
 
 def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> dict:
@@ -431,19 +522,23 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
     torch.manual_seed(seed + env.rank)  # dropout streams
     lambdas, join = lr_schedule(cfg.task, cfg.optim, steps_per_epoch, total)
-    groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad],
-               "lr": cfg.optim.lr * cfg.task.encoder_lr_mult},
-              {"params": [p for p in model.head.parameters() if p.requires_grad], "lr": cfg.optim.lr}]
+    # the encoder's trainable weights (all of them, its LoRA adapters, or none) and the rest: the head,
+    # or a whole baseline model
+    in_encoder = {id(p) for p in model.encoder.parameters()} if hasattr(model, "encoder") else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in in_encoder], "lr": cfg.optim.lr * cfg.task.encoder_lr_mult},
+              {"params": [p for p in trainable if id(p) not in in_encoder], "lr": cfg.optim.lr}]
     keep = [i for i, g in enumerate(groups) if g["params"]]  # a frozen encoder (linear probe): no group (ZeRO needs none empty)
     lr_keys = [("lr_encoder", "lr_head")[i] for i in keep]
     engine, _ = build_engine(model, cfg, env.device, total, param_groups=[groups[i] for i in keep],
                              lr_lambda=[lambdas[i] for i in keep])
     module = engine.module
     log = print if env.is_main else (lambda *a, **k: None)
-    log(f"finetune[{kind}{'/H=' + str(cfg.task.horizon) if kind == 'forecast' else ''}]: init={cfg.init} "
+    log(f"finetune[{kind}{'/H=' + str(cfg.task.horizon) if kind == 'forecast' else ''}]: "
+        f"{'baseline=' + cfg.task.baseline if cfg.task.baseline else 'init=' + cfg.init} "
         f"mode={cfg.task.mode} {len(train.x)} train items ({env.world_size} rank(s), {steps_per_epoch} steps/epoch), "
         f"val {len(data['val'].x)}, test {len(data['test'].x)}, engine={'deepspeed' if cfg.dist.deepspeed else 'torch'}, "
-        f"schedule={cfg.task.schedule}" + (f", head warm-up {join} steps" if join and cfg.task.mode == "full" else ""),
+        f"schedule={cfg.task.schedule}" + (f", head warm-up {join} steps" if join and cfg.task.mode != "linear_probe" else ""),
         flush=True)
 
     best, best_score, best_epoch, bad, step, history = None, None, -1, 0, 0, []
@@ -501,7 +596,9 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
     result = {
         "task": kind, "init": cfg.init, "mode": cfg.task.mode, "label_fraction": cfg.task.label_fraction,
         "horizon": cfg.task.horizon if kind == "forecast" else None,
-        "mse": test.get("mse"), "mae": test.get("mae"), "accuracy": test.get("accuracy"),
+        "baseline": cfg.task.baseline or None,
+        "mse": test.get("mse"), "mae": test.get("mae"), "mase": test.get("mase"), "smape": test.get("smape"),
+        "skill": test.get("skill"), "accuracy": test.get("accuracy"),
         "macro_f1": test.get("macro_f1"), "auroc": test.get("auroc"),
         "best_val": {k: v for k, v in history[best_epoch].items() if k.startswith("val_")} if history else None,
         "train_seconds": train_seconds, "test_seconds": time.perf_counter() - t1,
@@ -509,19 +606,26 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
         "n_val": len(data["val"].x), "n_test": len(data["test"].x), "world_size": env.world_size,
         "engine": "deepspeed" if cfg.dist.deepspeed else "torch", "skipped_steps": guard.skipped, "history": history,
         "seq_len": arch.seq_len, "num_classes": num_classes or None,
+        "season": data["test"].seasonal.season if data["test"].seasonal else None,
         "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
     }
-    for k in ("mse", "mae", "accuracy", "macro_f1", "auroc"):  # e.g. AUROC of a one-class test set: null, not NaN
+    for k in METRICS:  # e.g. AUROC of a one-class test set: null, not NaN
         if isinstance(result[k], float) and result[k] != result[k]:
             result[k] = None
     if env.is_main:
-        metrics = {k: result[k] for k in ("mse", "mae", "accuracy", "macro_f1", "auroc") if result[k] is not None}
+        metrics = {k: result[k] for k in METRICS if result[k] is not None}
         log(f"  test ({result['n_test']} items, epoch {best_epoch} weights): "
             + (" ".join(f"{k} {v:.4f}" for k, v in metrics.items()) if cfg.task.evaluate_test else "not evaluated")
             + f"; train {train_seconds:.0f}s", flush=True)
         if cfg.out:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out) / "result.json").write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=2))
+            if not cfg.task.baseline:  # a baseline is a reference row in results, not a model to keep
+                from trainer.predict import save_finetuned  # trainer.predict imports this module
+
+                saved = save_finetuned(merged_for_export(module), cfg, train.x.shape[1],
+                                       classes if kind == "classify" else None)
+                log(f"  model (for python -m trainer.predict): {saved}", flush=True)
     dist.release_engine(engine)
     result["_model"] = module
     return result

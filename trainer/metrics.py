@@ -1,7 +1,22 @@
 """Downstream metrics in plain numpy (no sklearn dependency): forecasting MSE/MAE and
-classification accuracy, macro-F1 and AUROC, computed the way the SimMTM / TF-C papers report them.
+classification accuracy, macro-F1 and AUROC, computed the way the SimMTM / TF-C papers report them;
+and the scaled forecasting metrics fev and GIFT-Eval report beside them (MASE, sMAPE, skill against
+seasonal naive), from sums a sharded evaluation can all-reduce.
+
+Definitions, each equal to a maintained implementation (tests/test_metrics.py checks them on fixtures):
+- MASE (Hyndman & Koehler 2006; fev's `MASE`, utilsforecast's `losses.mase`): per channel, the test MAE
+  over the in-sample MAE of the seasonal-naive forecast on the training split, |y_t - y_{t-m}|; then the
+  mean over channels. Scale-free, so it reads the same on z-scored and raw values.
+- sMAPE (M4; fev's and GluonTS's `SMAPE`): mean of 2|y - yhat| / (|y| + |yhat|), in [0, 2], on the raw
+  (de-normalised) values: a percentage of a z-scored level means nothing. A 0/0 term counts 0, as in
+  utilsforecast, whose `losses.smape` leaves out the factor 2.
+- skill (fev's leaderboard: 1 - error / error of seasonal naive, error = MASE): 1 - MASE / MASE of the
+  seasonal-naive forecast on the same windows; > 0 beats it, 1 is perfect.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -92,3 +107,73 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
     pred = probs.argmax(1)
     return {"accuracy": accuracy(labels, pred), "macro_f1": macro_f1(labels, pred),
             "auroc": auroc(labels, probs)}
+
+
+# ----------------------------------------------------------------------------- scaled forecasting metrics
+
+_PER_DAY = {"h", "min", "s", "ms", "us", "ns"}  # sub-daily units: the season is one day
+_SEASON = {"D": 7, "B": 5, "W": 52, "ME": 12, "MS": 12, "QE": 4, "QS": 4, "YE": 1, "YS": 1}
+
+
+def season_length(freq: Optional[str]) -> int:
+    """Season m of a pandas frequency string: a day of sub-daily steps (hourly 24, 15-minute 96), a
+    week of days (7; business days 5), a year of weeks (52), months (12) or quarters (4), utilsforecast's
+    and M4's table. 1 (the plain naive forecast) for an unknown or irregular frequency."""
+    import pandas as pd
+
+    if not freq:
+        return 1
+    try:
+        off = pd.tseries.frequencies.to_offset(freq)
+    except ValueError:
+        return 1
+    code = off.rule_code.split("-")[0]
+    if code in _PER_DAY:
+        day, step = pd.Timedelta(days=1), pd.Timedelta(off)
+        return int(day // step) if day % step == pd.Timedelta(0) and step < day else 1
+    return _SEASON.get(code, 1) if off.n == 1 else 1
+
+
+def seasonal_scale(train: np.ndarray, season: int) -> np.ndarray:
+    """[C, T] training split -> [C] in-sample seasonal-naive MAE, mean |y_t - y_{t-m}| (MASE's scale)."""
+    train = np.asarray(train, np.float64)
+    if train.shape[-1] <= season:
+        raise ValueError(f"seasonal_scale: a training split of {train.shape[-1]} steps has no season of {season}")
+    return np.abs(train[:, season:] - train[:, :-season]).mean(1)
+
+
+@dataclass(frozen=True)
+class SeasonalScale:
+    """What the scaled metrics need from a forecasting set's training split, per channel."""
+    season: int  # m: the seasonal-naive forecast repeats the input's last m steps
+    scale: np.ndarray  # [C] seasonal_scale of the training split, in the units the model sees
+    mean: np.ndarray  # [C] model units -> raw values (x * std + mean), for sMAPE
+    std: np.ndarray
+
+
+SUMS = 5  # rows of `forecast_sums`: squared error, absolute error, naive absolute error, sMAPE terms, count
+
+
+def forecast_sums(pred: np.ndarray, true: np.ndarray, naive: np.ndarray, ref: SeasonalScale) -> np.ndarray:
+    """[B, C, H] forecasts, targets and seasonal-naive forecasts -> [SUMS, C] per-channel sums, which add
+    over batches and ranks; `forecast_metrics` turns them into the metrics."""
+    pred, true, naive = (np.asarray(a, np.float64) for a in (pred, true, naive))
+    err = pred - true
+    raw = lambda a: a * ref.std[:, None] + ref.mean[:, None]  # noqa: E731
+    num, den = 2.0 * np.abs(raw(pred) - raw(true)), np.abs(raw(pred)) + np.abs(raw(true))
+    smape_terms = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    count = np.full(err.shape[1], float(err.shape[0] * err.shape[2]))
+    return np.stack([(err ** 2).sum((0, 2)), np.abs(err).sum((0, 2)), np.abs(naive - true).sum((0, 2)),
+                     smape_terms.sum((0, 2)), count])
+
+
+def forecast_metrics(sums: np.ndarray, ref: SeasonalScale) -> dict:
+    """MSE, MAE, MASE, sMAPE and skill from `forecast_sums` (summed over every window). Channels whose
+    training split is constant (scale 0) are left out of MASE and skill, as fev leaves out non-finite terms."""
+    sse, sae, sae_naive, smape_sum, count = np.asarray(sums, np.float64)
+    n = count.sum()
+    ok = ref.scale > 0
+    mase_ = float(np.mean(sae[ok] / count[ok] / ref.scale[ok])) if ok.any() else float("nan")
+    naive = float(np.mean(sae_naive[ok] / count[ok] / ref.scale[ok])) if ok.any() else float("nan")
+    return {"mse": float(sse.sum() / n), "mae": float(sae.sum() / n), "mase": mase_,
+            "smape": float(smape_sum.sum() / n), "skill": 1.0 - mase_ / naive if naive > 0 else float("nan")}

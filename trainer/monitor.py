@@ -57,10 +57,12 @@ class Monitor:
             else:
                 print(msg, flush=True)
 
-    def step(self, step: int, postfix: dict) -> None:
+    def step(self, step: int, postfix: Optional[dict] = None) -> None:
+        """Advance the bar to `step`; `postfix` (losses, rates: read only at log steps) when given."""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(postfix, refresh=False)
+            if postfix is not None:
+                self.bar.set_postfix(postfix, refresh=False)
 
     def scalars(self, step: int, values: dict) -> None:
         if self.writer is not None:

@@ -19,12 +19,12 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import numpy as np
 import torch
 
-from data_pipeline import build_loader
+from data_pipeline import build_loader, to_device
 from models import Gather, SimMTM
 from trainer import checkpoint, runs
 from trainer import distributed as dist
 from trainer.config import REPO_ROOT, Config, ConfigError, load_config, split_cli, to_dict
-from trainer.engine import NonFiniteGuard, build_engine, epoch_cosine, step_unless_nonfinite
+from trainer.engine import NonFiniteGuard, build_engine, compile_model, epoch_cosine, step_unless_nonfinite
 from trainer.monitor import Monitor, Throughput, peak_memory_gb
 
 
@@ -96,19 +96,20 @@ def validate(engine, batches: list, gather: Gather, cfg: Config, device: torch.d
     was_training = module.training
     module.eval()
     generator = torch.Generator(device=device).manual_seed(val_seed(cfg, rank))
-    sums = {"loss": 0.0, "loss_rec": 0.0, "loss_cl": 0.0}
+    keys = ("loss", "loss_rec", "loss_cl")
+    sums = None  # on the device, fp64 (as Python adds them): read once, at the end
     try:
         with torch.no_grad():
             for batch in batches:
                 out = engine(batch.to(device), gather=gather, generator=generator,
                              global_aggregation=cfg.dist.global_aggregation)
-                for k in sums:
-                    sums[k] += float(out[k].detach())
+                part = torch.stack([out[k].detach() for k in keys]).double()
+                sums = part if sums is None else sums + part
     finally:
         module.train(was_training)
         checkpoint.set_rng_state(rng, None)
-    return {f"val_{k}": float(dist.all_reduce_mean(torch.tensor(v / len(batches), dtype=torch.float64)))
-            for k, v in sums.items()}
+    means = dist.all_reduce_mean(sums / len(batches)).tolist()
+    return {f"val_{k}": v for k, v in zip(keys, means)}
 
 
 def resolve_paths(cfg: Config) -> None:
@@ -154,7 +155,8 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.train.seed + env.rank)
 
     loader = build_loader(cfg.data, seq_len=cfg.model.seq_len, batch_size=cfg.train.batch_size,
-                          rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)
+                          rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
+                          pin_memory=env.device.type == "cuda")
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
 
@@ -167,6 +169,8 @@ def train(cfg: Config) -> dict:
     universal = resized and saved["engine"] == "deepspeed" and saved.get("zero_stage", 0) > 0
     engine, ds_config = build_engine(model, cfg, env.device, total, load_universal=universal,
                                      lr_lambda=epoch_cosine_lambda(cfg, steps_per_epoch, total))
+    if cfg.train.compile:
+        compile_model(engine)
     generator = torch.Generator(device=env.device).manual_seed(cfg.train.seed * 1000 + env.rank)
     reduce = dist.all_reduce_with_grad if env.distributed else None  # projector BN over the global batch
     gather = Gather(dist.all_gather_with_grad, env.rank, env.world_size, reduce) if cfg.dist.global_constraint \
@@ -257,83 +261,95 @@ def train(cfg: Config) -> dict:
 
     meter = Throughput()
     engine.train()
-    acc = {"loss": 0.0, "loss_rec": 0.0, "loss_cl": 0.0}
+    keys = ("loss", "loss_rec", "loss_cl")
+    acc = None  # this step's losses on the device, summed over its micro-steps (fp64: as Python adds them)
     micro = 0
     last_saved = resume_dir / resume_tag if saved is not None else None
-    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_row)
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_in_row, env.device)
     guard.skipped = saved.get("nonfinite_skipped", 0) if saved is not None else 0
     final_is_best = False
     wait_mark = loader.wait_seconds
     while step < total:
         loader.set_epoch(epoch)
-        for batch in loader:
+        for x in to_device(loader, env.device):
             wait = loader.wait_seconds - wait_mark
-            x = batch.to(env.device, non_blocking=True)
             want_image = cfg.log.image_every > 0 and (step + 1) % cfg.log.image_every == 0 and env.is_main
             out = engine(x, gather=gather, generator=generator,
                          global_aggregation=cfg.dist.global_aggregation, details=want_image)
             lr = engine.get_lr()[0]  # the rate this step uses
             engine.backward(out["loss"])
-            applied = step_unless_nonfinite(engine)  # False: a non-finite update, dropped on every rank
-            for k in acc:
-                acc[k] += float(out[k].detach()) / cfg.train.grad_accum
+            part = torch.stack([out[k].detach() for k in keys]).double() / cfg.train.grad_accum
+            acc = part if acc is None else acc + part
             micro += 1
             meter.add(out["num_series"] * env.world_size, out["num_series"] * x.shape[-1] * env.world_size, wait)
             wait_mark = loader.wait_seconds
             if micro % cfg.train.grad_accum:
+                step_unless_nonfinite(engine)  # inside the accumulation window: no update yet
                 continue
-            means = {k: float(dist.all_reduce_mean(torch.tensor(v))) for k, v in acc.items()}
-            acc = {k: 0.0 for k in acc}
-            if not applied or not all(map(math.isfinite, means.values())):
-                # stop; or skip_step: the batch is dropped, the step not counted, the schedule not moved
-                guard.check("loss" if not math.isfinite(means["loss"]) else "gradient norm", f"step {step + 1}",
-                            f"nothing from it was saved; the last good checkpoint is {last_saved}" if last_saved
-                            else "nothing from it was saved, and no checkpoint was saved before it")
-                monitor.print(f"step {step + 1}: non-finite update dropped ({guard.in_row} in a row, "
-                              f"{guard.skipped} in all)")
-                continue
-            guard.check(None, "", "")
+            at, losses, acc = step + 1, acc, None
+            guard.step(engine, at, losses)  # a non-finite update is never applied, on any rank
+            # The host reads this step (one all-reduce, one sync) only to log it, and always before a
+            # validation or a save, so the guard speaks first; under skip_step at every step.
+            read = (guard.sync or at == 1 or at % cfg.train.log_every == 0 or at == total
+                    or (val_batches is not None and at % cfg.train.val_every == 0)
+                    or (cfg.ckpt.every > 0 and at % cfg.ckpt.every == 0))
+            if read:
+                gn = engine.get_global_grad_norm()
+                on_device = [dist.all_reduce_mean(torch.cat([losses.float(), guard.flag()])),
+                             out["sigma_rec"].reshape(1), out["sigma_cl"].reshape(1)]
+                if isinstance(gn, torch.Tensor):
+                    on_device.append(gn.float().reshape(1).to(env.device))
+                host = torch.cat(on_device).tolist()
+                means, flagged, sigma = dict(zip(keys, host[:3])), host[3] > 0, host[4:6]
+                grad_norm = host[6] if isinstance(gn, torch.Tensor) else float("nan") if gn is None else float(gn)
+                if guard.verdict(flagged, means, at,
+                                 f"nothing from it was saved; the last good checkpoint is {last_saved}" if last_saved
+                                 else "nothing from it was saved, and no checkpoint was saved before it"):
+                    # skip_step: the batch is dropped, the step not counted, the schedule not moved
+                    monitor.print(f"step {at}: non-finite update dropped ({guard.in_row} in a row, "
+                                  f"{guard.skipped} in all)")
+                    continue
             step += 1
-            rates = meter.rates()
-            record = {"step": step, **means, "lr": lr, "series_per_s": rates["series_per_s"],
-                      "time_s": meter.elapsed}
             if bounds is None:
                 global_rows = env.world_size if cfg.dist.global_constraint else 1
                 bounds = constraint_bounds(num_views, out["num_series"] * (num_views + 1) * global_rows)
-            improved = False
-            if val_batches and (step % cfg.train.val_every == 0 or step == total):
-                val = validate(engine, val_batches, gather, cfg, env.device, env.rank)
-                record.update(val)
-                if val["val_loss"] < (best["val_loss"] if best else float("inf")):
-                    best, improved = {"tag": checkpoint.tag_for(step), "step": step,
-                                      "val_loss": val["val_loss"]}, True
-                monitor.scalars(step, {"val/loss": val["val_loss"], "val/reconstruction": val["val_loss_rec"],
-                                       "val/constraint": val["val_loss_cl"],
-                                       "val/constraint_formed": constraint_formed(val["val_loss_cl"], bounds)})
-            if step == 1 or step % cfg.train.log_every == 0 or step == total or "val_loss" in record:
-                history.append(record)
-                val_text = (f" | val {record['val_loss']:.4f} rec {record['val_loss_rec']:.4f} "
-                            f"cl {record['val_loss_cl']:.4f}{' *best' if improved else ''}"
-                            if "val_loss" in record else "")
-                monitor.print(f"step {step}/{total} loss {means['loss']:.4f} rec {means['loss_rec']:.4f} "
-                              f"cl {means['loss_cl']:.4f} lr {record['lr']:.2e} {rates['series_per_s']:.1f} series/s"
-                              + val_text)
-            gn = engine.get_global_grad_norm()
-            monitor.scalars(step, {"loss/total": means["loss"], "loss/reconstruction": means["loss_rec"],
-                                   "loss/constraint": means["loss_cl"],
-                                   "loss/constraint_formed": constraint_formed(means["loss_cl"], bounds),
-                                   "weight/sigma_rec": float(out["sigma_rec"]),
-                                   "weight/sigma_cl": float(out["sigma_cl"]), "lr": record["lr"],
-                                   "grad_norm": float(gn) if gn is not None else float("nan"),
-                                   "nonfinite/skipped": guard.skipped,
-                                   "throughput/series_per_s": rates["series_per_s"],
-                                   "throughput/points_per_s": rates["points_per_s"],
-                                   "data/wait_fraction": rates["data_wait_fraction"],
-                                   "memory/peak_gb": peak_memory_gb(env.device)})
+            improved, postfix = False, None
+            if read:
+                rates = meter.rates()
+                record = {"step": step, **means, "lr": lr, "series_per_s": rates["series_per_s"],
+                          "time_s": meter.elapsed}
+                if val_batches and (step % cfg.train.val_every == 0 or step == total):
+                    val = validate(engine, val_batches, gather, cfg, env.device, env.rank)
+                    record.update(val)
+                    if val["val_loss"] < (best["val_loss"] if best else float("inf")):
+                        best, improved = {"tag": checkpoint.tag_for(step), "step": step,
+                                          "val_loss": val["val_loss"]}, True
+                    monitor.scalars(step, {"val/loss": val["val_loss"], "val/reconstruction": val["val_loss_rec"],
+                                           "val/constraint": val["val_loss_cl"],
+                                           "val/constraint_formed": constraint_formed(val["val_loss_cl"], bounds)})
+                if step == 1 or step % cfg.train.log_every == 0 or step == total or "val_loss" in record:
+                    history.append(record)
+                    val_text = (f" | val {record['val_loss']:.4f} rec {record['val_loss_rec']:.4f} "
+                                f"cl {record['val_loss_cl']:.4f}{' *best' if improved else ''}"
+                                if "val_loss" in record else "")
+                    monitor.print(f"step {step}/{total} loss {means['loss']:.4f} rec {means['loss_rec']:.4f} "
+                                  f"cl {means['loss_cl']:.4f} lr {record['lr']:.2e} "
+                                  f"{rates['series_per_s']:.1f} series/s" + val_text)
+                    monitor.scalars(step, {"loss/total": means["loss"], "loss/reconstruction": means["loss_rec"],
+                                           "loss/constraint": means["loss_cl"],
+                                           "loss/constraint_formed": constraint_formed(means["loss_cl"], bounds),
+                                           "weight/sigma_rec": sigma[0], "weight/sigma_cl": sigma[1],
+                                           "lr": record["lr"], "grad_norm": grad_norm,
+                                           "nonfinite/skipped": guard.skipped,
+                                           "throughput/series_per_s": rates["series_per_s"],
+                                           "throughput/points_per_s": rates["points_per_s"],
+                                           "data/wait_fraction": rates["data_wait_fraction"],
+                                           "memory/peak_gb": peak_memory_gb(env.device)})
+                    postfix = {"loss": f"{means['loss']:.3f}", "rec": f"{means['loss_rec']:.3f}",
+                               "series/s": f"{rates['series_per_s']:.0f}"}
             if want_image:
                 monitor.reconstruction_image(step, x[0].float(), out["pred"][0], out["weights"])
-            monitor.step(step, {"loss": f"{means['loss']:.3f}", "rec": f"{means['loss_rec']:.3f}",
-                                "series/s": f"{rates['series_per_s']:.0f}"})
+            monitor.step(step, postfix)
             if step < total and (improved or (cfg.ckpt.every > 0 and step % cfg.ckpt.every == 0)):
                 last_saved = save(step, is_best=improved)
             final_is_best = improved

@@ -5,12 +5,12 @@
 CHECKPOINT is a checkpoint folder (`runs/x/checkpoints/step_00000040`) or a run directory: its best
 checkpoint (lowest validation loss, the `best` pointer) when the run validated (train.val_every > 0),
 otherwise, or with --last, its latest checkpoint. ZeRO shards are consolidated into one fp32 model. OUT (a local path or any
-fsspec URL, e.g. s3://bucket/models/simmtm-etth1) receives:
+fsspec URL, e.g. s3://bucket/models/simmtm-etth1 or hf://owner/name on the Hugging Face Hub) receives:
     model.safetensors   encoder weights (+ projector/decoder unless --no-heads), fp32
     config.json         architecture, pre-training settings, data manifest hash, code version
     README.md           model card
     metrics.json        steps, losses, throughput; which checkpoint (best/last), its step and val loss
-Load it with `models.load_pretrained(OUT)`: torch + safetensors only.
+Load it with `models.Encoder.from_pretrained(OUT)` (or `models.load_pretrained(OUT)`): no DeepSpeed, no pickle.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ count (channels are encoded independently). Not a forecaster by itself.
 ```python
 from models import load_pretrained
 from models.heads import Forecaster, Classifier
-encoder = load_pretrained("THIS_FOLDER_OR_URL")          # torch + safetensors only
+encoder = load_pretrained("THIS_FOLDER_OR_URL")          # no DeepSpeed, no pickle
 model = Forecaster(encoder, horizon=96, dropout=0.1)      # or Classifier(encoder, num_classes)
 ```
 or `python trainer/finetune.py --config configs/finetune_etth1.yaml init=THIS_FOLDER_OR_URL task.horizon=96`

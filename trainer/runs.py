@@ -19,8 +19,8 @@ from trainer.config import Config, ConfigError
 # Settings a resumed run may change, applied from the step it resumes at. Everything else shapes the
 # weights, the optimizer or the data stream the checkpoint continues, and must match it.
 MUTABLE = ("name", "train.max_steps", "train.epochs", "train.log_every", "train.progress", "train.num_threads",
-           "train.val_every", "train.on_nonfinite", "train.max_nonfinite_in_row", "dist.backend",
-           "dist.deepspeed", "dist.ds_config", "data.cache_dir", "data.num_workers", "data.prefetch",
+           "train.val_every", "train.on_nonfinite", "train.max_nonfinite_in_row", "train.compile",
+           "dist.backend", "dist.deepspeed", "dist.ds_config", "data.cache_dir", "data.num_workers", "data.prefetch",
            "data.read_ahead", "data.retries", "data.retry_backoff", "data.io_timeout", "data.storage_options",
            "data.verify_checksums", "ckpt", "log")
 
