@@ -251,3 +251,15 @@ def test_compiled_training_matches_eager(tmp_path):
     keys = [load_file(str(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors")).keys()
             for run in ("eager", "compiled")]
     assert keys[0] == keys[1]
+
+
+def test_adam_w_mode_picks_adamw_whatever_the_type():
+    """DeepSpeed's `adam_w_mode` switch is consumed, not passed on to torch (which would reject it)."""
+    from trainer.engine import build_optimizer
+
+    params = list(torch.nn.Linear(2, 2).parameters())
+    for kind, want in (("AdamW", torch.optim.AdamW), ("Adam", torch.optim.AdamW)):
+        ds = {"optimizer": {"type": kind, "params": {"lr": 1e-3, "adam_w_mode": True}}}
+        assert type(build_optimizer(ds, params, torch.device("cpu"))) is want
+    assert type(build_optimizer({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}, params,
+                                torch.device("cpu"))) is torch.optim.Adam

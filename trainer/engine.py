@@ -108,7 +108,8 @@ def build_optimizer(ds: dict, params, device: torch.device) -> torch.optim.Optim
         raise ValueError(f"dist.ds_config: optimizer {kind!r} is not supported (Adam or AdamW)")
     p = dict(ds["optimizer"].get("params", {}))
     p.pop("torch_adam", None)  # DeepSpeed's switch for torch's implementation: always so here
-    cls = torch.optim.AdamW if kind.lower() == "adamw" or p.pop("adam_w_mode", False) else torch.optim.Adam
+    adam_w = p.pop("adam_w_mode", False)  # popped whatever the type: torch's classes do not take it
+    cls = torch.optim.AdamW if kind.lower() == "adamw" or adam_w else torch.optim.Adam
     if "betas" in p:
         p["betas"] = tuple(p["betas"])
     if fused_adam(device) and "foreach" not in p:
