@@ -209,8 +209,8 @@ def train(cfg: Config) -> dict:
         if changes:
             resume_note += f"; applied from step {step}: {runs.describe(changes)}"
         if step >= total:
-            resume_note += (f"; finished already, nothing to train (a larger train.max_steps trains on, "
-                            f"ckpt.overwrite=true starts over)")
+            resume_note += ("; finished already, nothing to train (a larger train.max_steps trains on, "
+                            "ckpt.overwrite=true starts over)")
     # every setting changed on resume, with the step it took effect at, across all resumes of this run
     config_changes = (saved.get("config_changes", []) if saved is not None else []) + changes
 
