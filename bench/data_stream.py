@@ -13,19 +13,17 @@ Best of `--repeats` runs (the machine is shared). Writes bench/results/data_stre
 from __future__ import annotations
 
 import argparse
-import sys
+import runpy
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.results_io import write_result
+from data_pipeline import DataConfig, build_loader, convert
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.results_io import write_result  # noqa: E402
-from data_pipeline import DataConfig, build_loader, convert  # noqa: E402
-
 CSV = {"ETTh1": REPO / "data" / "ETTh1.csv",
        "ETTm1": REPO.parent / "shared" / "data" / "forecasting" / "ETT-small" / "ETTm1.csv"}
 L, BATCH, SEED = 336, 16, 2023
@@ -102,7 +100,8 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(CSV))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from tests.s3_server import local_s3_server
+    # tests/ is no installed package: the S3 server helper by its path
+    local_s3_server = runpy.run_path(str(REPO / "tests" / "s3_server.py"))["local_s3_server"]
 
     tmp = OUT / "tmp"
     records = []

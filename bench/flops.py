@@ -10,20 +10,12 @@ Writes bench/results/flops.json. Target: dominant layers >= 50% of peak.
 """
 from __future__ import annotations
 
-
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from models import SimMTM, SimMTMConfig  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results_io import write_result  # noqa: E402
+from bench.results_io import write_result
+from models import SimMTM, SimMTMConfig
 
 BATCH = 16
 

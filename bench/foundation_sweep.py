@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.results_io import write_result  # noqa: E402
-from data_pipeline import build_loader, load_split_array  # noqa: E402
-from data_pipeline.config import DataConfig  # noqa: E402
-from models import SimMTM, SimMTMConfig  # noqa: E402
-from models.encoder import instance_norm  # noqa: E402
-from trainer.engine import warmup_cosine  # noqa: E402
+from bench.results_io import write_result
+from data_pipeline import build_loader, load_split_array
+from data_pipeline.config import DataConfig
+from models import SimMTM, SimMTMConfig
+from models.encoder import instance_norm
+from trainer.engine import warmup_cosine
 
 # step_s: seconds per step measured on the idle machine (2 threads, random [B, 1, 336] input); every
 # candidate gets budget_s / step_s steps, so the budgets are equal wall time even when the sweep

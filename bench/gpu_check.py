@@ -109,10 +109,7 @@ class Stage:
 
     def save(self, **values) -> None:
         self.record.update(values)
-        path = self.out / "stages" / f"{self.name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps(self.record, indent=2, default=str))
-        path.with_suffix(".tmp").replace(path)
+        write_json(self.out / "stages" / f"{self.name}.json", self.record)
 
     def sync(self) -> None:
         import torch
@@ -471,6 +468,9 @@ def check(out: Path, budget_s: float, dry: bool) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
+    """Temp file + rename in the stdlib, not data_pipeline.fs.atomic_write: the supervising process runs on
+    the GPU image's Python without DIR/.pylib, and must record results whatever the project fails to import."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(obj, indent=2, default=str))
     path.with_suffix(".tmp").replace(path)
 

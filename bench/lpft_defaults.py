@@ -8,17 +8,13 @@ foundation checkpoint with the suite's budget (configs/eval_foundation.yaml) on 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from itertools import product
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.results_io import write_result  # noqa: E402
-from trainer.config import REPO_ROOT, load_config  # noqa: E402
-from trainer.finetune import FinetuneConfig, classify_data, finetune, forecast_data  # noqa: E402
-from trainer.suite import REGIMES, SuiteConfig, _published  # noqa: E402
+from bench.results_io import write_result
+from trainer.config import REPO_ROOT, load_config
+from trainer.finetune import FinetuneConfig, classify_data, finetune, forecast_data
+from trainer.suite import REGIMES, SuiteConfig, _published
 
 SETTINGS = {
     "plain: no warm-up, one rate (lr 5e-4)": ["task.head_warmup_epochs=0", "task.encoder_lr_mult=1.0"],

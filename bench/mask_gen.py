@@ -5,18 +5,13 @@ Writes bench/results/mask_gen.json: {"ours_s", "loop_s", "ratio"} (seconds per b
 """
 from __future__ import annotations
 
-
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.masking import geometric_mask  # noqa: E402
-
-from bench.results_io import write_result  # noqa: E402
+from bench.results_io import write_result
+from models.masking import geometric_mask
 
 B, C, L, M = 16, 7, 336, 3
 RATIO, LM = 0.5, 3.0

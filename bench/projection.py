@@ -12,18 +12,9 @@ InfiniBand NDR 400 Gb/s per GPU (45 GB/s achieved) across nodes; ring collective
 """
 from __future__ import annotations
 
-
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.flops import step_flops  # noqa: E402
-from models import SimMTMConfig  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results_io import write_result  # noqa: E402
+from bench.flops import step_flops
+from bench.results_io import write_result
+from models import SimMTMConfig
 
 GPUS = {"H100": {"peak_tflops": 989.0, "hbm_gb": 80.0, "hbm_tbs": 3.35},
         "H200": {"peak_tflops": 989.0, "hbm_gb": 141.0, "hbm_tbs": 4.8}}

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_pipeline.fs import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_result(name: str, obj) -> Path:
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(obj, indent=2))
+    atomic_write(str(path), json.dumps(obj, indent=2).encode())
     return path

@@ -14,7 +14,6 @@ Writes bench/results/scaling.json: {"runs": [{"ranks", "zero", "series_per_s"}],
 """
 from __future__ import annotations
 
-
 import json
 import os
 import subprocess
@@ -22,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results_io import write_result  # noqa: E402
+from bench.results_io import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8

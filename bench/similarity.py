@@ -17,19 +17,15 @@ Writes bench/results/memory.json. Threads: 2 (the machine is shared; timings var
 """
 from __future__ import annotations
 
-
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results_io import write_result  # noqa: E402
+from bench.results_io import write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 H, M, TAU, BLOCK, THREADS = 128, 3, 0.2, 1024, 2
 DENSE_LIMIT_GB = 16.0
 CONFIGS = [(4096, 1024), (16384, 1024), (32768, 1024), (4096, 10752)]
@@ -60,11 +56,11 @@ def one(n: int, width: int, path: str, device: str = "cpu", dtype: str = "fp32",
     peak mark, forward + backward, report. `dtype`: of s, z and the matmuls (bf16 as under DeepSpeed);
     `block`: rows per block (None: the model's automatic choice). "inputs_gb": s, z and the upstream
     gradient, so peak_gb + inputs_gb is everything this call held."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from models.blockwise import similarity_and_losses
-    from models.simmtm import _DTYPES, positive_index
+    from models.simmtm import _DTYPES
+    from models.similarity import positive_index
 
     cuda = device.startswith("cuda")
     if not cuda:

@@ -6,7 +6,6 @@ bench/results/stall.json: {"stall_fraction": ...}. Target < 2%.
 """
 from __future__ import annotations
 
-
 import json
 import os
 import subprocess
@@ -14,8 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results_io import write_result  # noqa: E402
+from bench.results_io import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6

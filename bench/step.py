@@ -7,22 +7,17 @@ batch 4 (peak ~9.8 GB), killed for memory at batch 16 (24 GB).
 """
 from __future__ import annotations
 
-
 import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results_io import write_result  # noqa: E402
+from bench.results_io import write_result
 
-ROOT = Path(__file__).resolve().parent.parent
 AUTHORS = {2: 19.0, 4: 39.0}  # s/step measured with the authors' code on this machine kind
 
 
 def one(batch: int, steps: int) -> dict:
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from models import SimMTM, SimMTMConfig

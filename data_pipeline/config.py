@@ -1,6 +1,7 @@
 """Data knobs of the streaming pipeline; part of the trainer's one config tree (`data.*`)."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,12 +51,9 @@ class DataConfig:
             raise ValueError("num_workers >= 0, prefetch >= 1, shuffle_buffer >= 1, retries >= 0 required")
         if self.shuffle_shards < 1:
             raise ValueError(f"shuffle_shards must be >= 1, got {self.shuffle_shards}")
-        choices = {"format": ("auto", "parquet", "webdataset"), "split": ("train", "val", "test"),
-                   "channels": ("multivariate", "independent"), "short_series": ("drop", "pad", "error"),
-                   "on_bad_sample": ("error", "skip")}
-        for name, allowed in choices.items():  # for direct API use; the trainer's config loader checks too
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name, tp in typing.get_type_hints(DataConfig).items():  # the choices, for direct API use
+            if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
+                raise ValueError(f"{name} must be one of {list(typing.get_args(tp))}, got {getattr(self, name)!r}")
         import math
 
         if self.read_ahead < 0:

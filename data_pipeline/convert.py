@@ -140,7 +140,7 @@ def write_dataset(raws: Sequence[RawInput], out: str, fmt: str = "parquet", *, n
         for group in _pack(raw.series, shard_mb, shard_samples):
             fname = f"{raw.split or 'data'}-{len(shards):05d}{SUFFIX[fmt]}"
             data = encode(group, fmt, first_index=n_written)
-            _fs.write_bytes(f"{out}/{fname}", data, storage_options)
+            _fs.atomic_write(f"{out}/{fname}", data, storage_options)
             entry = shard_entry(fname, group, data, raw.split)
             if raw.borders is not None:
                 entry["borders"] = raw.borders

@@ -618,8 +618,8 @@ def build_corpus(out: str, shared: Optional[str] = None, *, fmt: str = "parquet"
 
     card = make_card(results, excluded, manifest, pol, root, meta, fmt, name)
     out = out.rstrip("/")
-    _fs.write_bytes(f"{out}/data_card.json", json.dumps(card, indent=1, sort_keys=True).encode(), storage_options)
-    _fs.write_bytes(f"{out}/DATA_CARD.md", render_card(card).encode(), storage_options)
+    _fs.atomic_write(f"{out}/data_card.json", json.dumps(card, indent=1, sort_keys=True).encode(), storage_options)
+    _fs.atomic_write(f"{out}/DATA_CARD.md", render_card(card).encode(), storage_options)
     result = dict(manifest)
     result["counts"] = card["counts"]
     result["card"] = card

@@ -1,11 +1,13 @@
 """Filesystem access through fsspec, with bounded retries for transient object-store errors.
 
-Why a layer: every read in the pipeline goes through `read_bytes`, so the retry policy, the error
-text (always naming the URL) and the byte counters live in one place. Filesystem objects are cached
-per process id because s3fs/aiohttp sessions must not cross a `fork` into DataLoader workers.
+Why a layer: every read goes through `read_bytes` and every write of a file meant to last (shards,
+manifests, checkpoints' metadata, published models, results) through `atomic_write`, so the retry policy
+and the error text (always naming the URL) live in one place. Filesystem objects are cached per process
+id because s3fs/aiohttp sessions must not cross a `fork` into DataLoader workers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -165,23 +167,33 @@ def read_bytes(url: str, storage_options: Optional[dict] = None, retries: int = 
     return retrying(_read, url, retries, backoff, on_retry, _deadline(url, timeout))
 
 
-def write_bytes(url: str, data: bytes, storage_options: Optional[dict] = None, retries: int = 3,
-                backoff: float = 0.2, timeout: Optional[float] = DEFAULT_IO_TIMEOUT) -> None:
-    """Write a whole object. Local files go through a temp file + rename, so a concurrent reader
-    (another rank converting the same CSV on first use) never sees a half-written shard; object
-    stores get the same bounded retries as reads (a whole-object PUT is idempotent)."""
+def atomic_write(url: str, data: bytes, storage_options: Optional[dict] = None, retries: int = 3,
+                 backoff: float = 0.2, timeout: Optional[float] = DEFAULT_IO_TIMEOUT) -> None:
+    """Write a whole file so that no reader (another rank converting the same CSV, a loader of a half-published
+    model, a resume after a crash) ever sees part of it, with the reads' bounded retries. Local: a temp file in the
+    same folder, fsynced, then os.replace. Object stores: one whole-object put, atomic and idempotent there."""
     fs, path = filesystem(url, storage_options)
     if is_local(url):
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return
-    parent = posixpath.dirname(path)
-    if parent and protocol_of(url) not in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
-        fs.makedirs(parent, exist_ok=True)
-    retrying(lambda: fs.pipe_file(path, data), f"write {url}", retries, backoff, timeout=_deadline(url, timeout))
+        def put() -> None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+    else:
+        def put() -> None:
+            parent = posixpath.dirname(path)
+            if parent and protocol_of(url) not in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+                fs.makedirs(parent, exist_ok=True)
+            fs.pipe_file(path, data)
+    retrying(put, f"write {url}", retries, backoff, timeout=_deadline(url, timeout))
 
 
 def bounded(url: str, fn: Callable[[], Any], what: str, timeout: Optional[float] = DEFAULT_IO_TIMEOUT) -> Any:
@@ -221,5 +233,5 @@ def invalidate(url: str, storage_options: Optional[dict] = None) -> None:
         pass
 
 
-__all__ = ["filesystem", "join", "read_bytes", "write_bytes", "exists", "isdir", "glob", "retrying", "is_transient",
+__all__ = ["filesystem", "join", "read_bytes", "atomic_write", "exists", "isdir", "glob", "retrying", "is_transient",
            "protocol_of", "is_local", "invalidate", "call_with_timeout", "bounded", "IOTimeout", "DEFAULT_IO_TIMEOUT"]

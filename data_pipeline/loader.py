@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, TypedDict
 
 import numpy as np
 import torch
@@ -37,9 +37,23 @@ log = logging.getLogger("data_pipeline")
 STATE_VERSION = 1
 STAT_KEYS = ("windows", "batches", "tail_dropped", "skipped_short", "padded", "skipped_bad", "bad_series",
              "bad_shards", "resampled", "shards_read", "bytes_read", "retries")
-_LAYOUT_KEYS = ("rank", "world_size", "num_workers", "batch_size", "seq_len", "stride", "overlap", "split",
-                "channels", "short_series", "seed", "shuffle", "shuffle_buffer", "shuffle_shards", "infinite",
-                "drop_last", "normalize", "series_norm", "on_bad_sample", "content_hash")
+
+
+class Position(TypedDict):
+    """Where a pass stands, as of the last batch handed out."""
+    epoch: int
+    workers: list[list[int]]  # per worker [epoch, pos, k] of its last batch handed out (see BatchInfo)
+    ptr: int  # the worker whose batch comes next (round-robin over those with quota left)
+    batches: int  # batches handed out this epoch
+    done: list[bool]  # workers with nothing more to give (drop_last=False: their stream ended)
+
+
+class LoaderState(Position):
+    """`StreamLoader.state_dict()`. Checkpoints persist it as JSON: changing a field or its meaning
+    needs a new STATE_VERSION, or older checkpoints no longer load."""
+    version: int
+    layout: dict  # StreamLoader._layout(): a state resumes only the same layout and data
+    stats: dict  # the counters of the batches handed out (the plan's own are recomputed)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -211,6 +225,7 @@ def _close_open_loaders() -> None:
 
 class StreamLoader:
     """Iterable over [B, C, L] float32 batches; see build_loader for the contract."""
+    shared = False  # as run state (trainer/state.py): each rank's own position in the stream
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, prefetch: int = 4, pin_memory: bool = False):
         self.dataset = dataset
@@ -222,7 +237,7 @@ class StreamLoader:
         self.bad_reports: list[str] = []
         self._counters: Counter = Counter()
         self._state = self._fresh(dataset.epoch)
-        self._pending: Optional[dict] = None
+        self._pending: Optional[Position] = None
         self._active: Optional[Iterator] = None
 
     # -------------------------------------------------------------- contract
@@ -256,22 +271,22 @@ class StreamLoader:
     def describe(self) -> dict:
         return self.dataset.plan.describe()
 
-    def _fresh(self, epoch: int) -> dict:
+    def _fresh(self, epoch: int) -> Position:
         return {"epoch": epoch, "workers": [[epoch, 0, 0] for _ in range(self.workers)], "ptr": 0, "batches": 0,
                 "done": [False] * self.workers}
 
     def _layout(self) -> dict:
-        d = self.dataset
-        return {"rank": d.rank, "world_size": d.world_size, "num_workers": d.num_workers,
-                "batch_size": d.batch_size, "seq_len": d.seq_len, "stride": d.stride, "overlap": d.overlap,
-                "split": d.split, "channels": "independent" if d.independent else "multivariate",
-                "short_series": d.short_series, "seed": d.seed, "shuffle": d.plan.shuffle,
-                "shuffle_buffer": d.plan.shuffle_buffer, "shuffle_shards": d.plan.shuffle_shards,
-                "infinite": d.infinite, "drop_last": d.drop_last, "normalize": d.normalize,
-                "series_norm": d.series_norm,
-                "on_bad_sample": d.on_bad_sample, "content_hash": d.manifest.get("content_hash")}
+        """What the positions are valid for: a state loads only where every value is equal. Saved in
+        checkpoints, so keep its keys and values."""
+        d, c, p = self.dataset, self.dataset.cfg, self.dataset.plan
+        return {"rank": d.rank, "world_size": d.world_size, "num_workers": c.num_workers, "batch_size": d.batch_size,
+                "seq_len": d.seq_len, "stride": c.window_stride, "overlap": d.overlap, "split": c.split,
+                "channels": c.channels, "short_series": c.short_series, "seed": d.seed, "shuffle": p.shuffle,
+                "shuffle_buffer": p.shuffle_buffer, "shuffle_shards": p.shuffle_shards, "infinite": c.infinite,
+                "drop_last": d.drop_last, "normalize": c.normalize, "series_norm": c.series_norm,
+                "on_bad_sample": c.on_bad_sample, "content_hash": d.manifest.get("content_hash")}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> LoaderState:
         """JSON-serialisable; restores the exact remaining sequence for the same layout."""
         st = copy.deepcopy(self._state)
         return {"version": STATE_VERSION, "layout": self._layout(), **st, "stats": dict(self._counters)}
@@ -280,13 +295,13 @@ class StreamLoader:
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
             raise DataError(f"loader state: unsupported version {sd.get('version') if isinstance(sd, dict) else sd!r}")
         mine, theirs = self._layout(), sd.get("layout", {})
-        diff = [f"{k}: saved {theirs.get(k)!r}, now {mine[k]!r}" for k in _LAYOUT_KEYS if theirs.get(k) != mine[k]]
+        diff = [f"{k}: saved {theirs.get(k)!r}, now {v!r}" for k, v in mine.items() if theirs.get(k) != v]
         if diff:
             raise DataError("loader state was saved with a different layout or data; exact resume needs the same "
                             "ranks x workers, batch and window settings and shards: " + "; ".join(diff))
         if len(sd["workers"]) != self.workers:
             raise DataError(f"loader state holds {len(sd['workers'])} worker positions, loader has {self.workers}")
-        self._state = {k: copy.deepcopy(sd[k]) for k in ("epoch", "workers", "ptr", "batches", "done")}
+        self._state = {k: copy.deepcopy(sd[k]) for k in Position.__annotations__}
         self._counters = Counter(sd.get("stats", {}))
         self._pending = self._state
         self.dataset.set_epoch(sd["epoch"])
@@ -312,31 +327,30 @@ class StreamLoader:
         if active is not None:
             active.close()
 
-    def _next_worker(self, st: dict, quotas: list[int]) -> Optional[int]:
+    def _next_worker(self, st: Position, quotas: list[int]) -> Optional[int]:
         W = self.workers
         for i in range(W):
             w = (st["ptr"] + i) % W
             if st["done"][w]:
                 continue
-            if self.dataset.infinite or st["workers"][w][2] < quotas[w]:
+            if self.dataset.cfg.infinite or st["workers"][w][2] < quotas[w]:
                 return w
         return None
 
-    def _run(self, st: dict) -> Iterator[torch.Tensor]:
+    def _run(self, st: Position) -> Iterator[torch.Tensor]:
         ds = self.dataset
         quotas = ds.plan.rank_quotas()
         if self._next_worker(st, quotas) is None:
             return
-        ds.resume = {w: tuple(st["workers"][w]) for w in range(self.workers)}
+        positioned = ds.positioned(st["workers"])
         if self.num_workers == 0:
-            chunks = iter(ds)
+            chunks = iter(positioned)
             source: Any = _ThreadSource(_pinned(chunks, torch.cuda.current_device()) if self.pin_memory else chunks,
                                         self.prefetch)
         else:
-            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
+            dl = DataLoader(positioned, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
                             persistent_workers=False, pin_memory=self.pin_memory)
             source = iter(dl)
-        ds.resume = {}
         buffers: dict[int, deque] = {w: deque() for w in range(self.workers)}
         try:
             while True:
@@ -354,16 +368,16 @@ class StreamLoader:
                             break
                         raise DataError(f"worker {w} stopped after {st['workers'][w][2]} of {quotas[w]} batches "
                                         f"(inconsistent plan)") from None
-                    buffers[infos[0]["w"]].extend(zip(chunk.unbind(0), infos))
+                    buffers[infos[0].worker].extend(zip(chunk.unbind(0), infos))
                 self.wait_seconds += time.perf_counter() - t0
                 if not buffers[w]:
                     continue
                 batch, info = buffers[w].popleft()
-                st["workers"][w] = [info["e"], info["p"], info["k"]]
+                st["workers"][w] = [info.epoch, info.pos, info.k]
                 st["ptr"] = (w + 1) % self.workers
                 st["batches"] += 1
-                self._counters.update(info["s"])
-                for msg in info["bad"]:
+                self._counters.update(info.stats)
+                for msg in info.bad:
                     if msg not in self.bad_reports:  # striding workers all meet the same bad shard
                         log.warning("data: skipped bad input: %s", msg)
                         if len(self.bad_reports) < 100:
@@ -399,16 +413,8 @@ def build_loader(cfg: DataConfig, seq_len: int, batch_size: int, rank: int = 0, 
     if cfg.format != "auto" and manifest["format"] != cfg.format:
         raise DataError(f"data.format is {cfg.format!r} but {manifest.get('_url') or cfg.source} holds "
                         f"{manifest['format']!r} shards")
-    ds = ShardStream(manifest, seq_len=seq_len, batch_size=batch_size, split=split or cfg.split,
-                     stride=cfg.window_stride, overlap=overlap, channels=cfg.channels,
-                     short_series=cfg.short_series, normalize=cfg.normalize, series_norm=cfg.series_norm,
-                     shuffle=cfg.shuffle if shuffle is None else shuffle, shuffle_buffer=cfg.shuffle_buffer,
-                     shuffle_shards=cfg.shuffle_shards,
-                     infinite=cfg.infinite if infinite is None else infinite, rank=rank, world_size=world_size,
-                     num_workers=cfg.num_workers, seed=seed, on_bad_sample=cfg.on_bad_sample,
-                     retries=cfg.retries, backoff=cfg.retry_backoff, read_ahead=cfg.read_ahead,
-                     storage_options=cfg.storage_options, drop_last=drop_last, verify=cfg.verify_checksums,
-                     io_timeout=cfg.io_timeout)
+    ds = ShardStream(manifest, cfg, seq_len=seq_len, batch_size=batch_size, rank=rank, world_size=world_size,
+                     seed=seed, split=split, overlap=overlap, shuffle=shuffle, infinite=infinite, drop_last=drop_last)
     return StreamLoader(ds, num_workers=cfg.num_workers, prefetch=cfg.prefetch, pin_memory=pin_memory)
 
 

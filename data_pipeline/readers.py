@@ -183,19 +183,26 @@ def _series_from_array(arr: np.ndarray, labels, path: str, layout: str = "auto")
     return [Series(f"{name}/{i}", a[i], source=name, label=labs[i]) for i in range(a.shape[0])]
 
 
-def read_pt(path: str, data: bytes) -> RawInput:
+def load_pt(path: str, data: Optional[bytes] = None, labels: bool = False) -> tuple:
+    """(samples, labels or None) of a TF-C `.pt` dict, loaded weights-only; `labels`: required (fine-tuning).
+    The one reader of the format, for conversion and fine-tuning alike."""
     import torch
 
+    data = _fs.read_bytes(path) if data is None else data
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: not a loadable .pt file with weights_only=True ({e})") from None
-    if not isinstance(obj, dict) or "samples" not in obj:
-        raise DataError(f"{path}: expected a dict with 'samples' [N, C, L] (and 'labels' [N]), "
+    if not isinstance(obj, dict) or "samples" not in obj or (labels and "labels" not in obj):
+        want = "and 'labels' [N]" if labels else "(and 'labels' [N])"
+        raise DataError(f"{path}: expected a dict with 'samples' [N, C, L] {want}, "
                         f"got {type(obj).__name__}{' with keys ' + str(list(obj)) if isinstance(obj, dict) else ''}")
-    x = obj["samples"]
+    return obj["samples"], obj.get("labels")
+
+
+def read_pt(path: str, data: bytes) -> RawInput:
+    x, y = load_pt(path, data)
     x = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
-    y = obj.get("labels")
     y = y.numpy() if hasattr(y, "numpy") else y
     parent = posixpath.basename(posixpath.dirname(path.rstrip("/"))) or stem(path)
     series = _series_from_array(x, y, path)

@@ -457,7 +457,7 @@ def load_manifest(url: str, storage_options: Optional[dict] = None, retries: int
 
 def write_manifest(url: str, manifest: dict, storage_options: Optional[dict] = None) -> None:
     body = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    _fs.write_bytes(url, json.dumps(body, indent=1).encode() + b"\n", storage_options)
+    _fs.atomic_write(url, json.dumps(body, indent=1).encode() + b"\n", storage_options)
 
 
 def shard_url(manifest: dict, entry: dict) -> str:

@@ -2,9 +2,8 @@
 
 Every position of a consumer's epoch order (plan.py) maps to one window without reading data, so a
 consumer can start at any position: that is how mid-epoch resume works (no replay, no buffer state
-to save). Each yielded item is `(n consecutive batches [n, B, C, L] float32, n infos)`; an info
-carries the worker's position after its batch and counter deltas, which `StreamLoader` turns into
-`state_dict()` and `stats` across DataLoader processes.
+to save). Each yielded item is `(n consecutive batches [n, B, C, L] float32, n BatchInfo)`, which
+`StreamLoader` turns into `state_dict()` and `stats` across DataLoader processes.
 
 Read-ahead: daemon threads fetch (with retries), verify, decode and z-score the next `read_ahead`
 shards while the current group is being cut into windows, so in steady state the consumer never
@@ -20,18 +19,22 @@ outage would silently drop data.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import fs as _fs
+from .config import DataConfig
 from .errors import DataError, ShardError, shard_error
 from .plan import Plan, Sequence
 from .shards import check_against_manifest, decode, expand_shapes, sha256, shard_url
@@ -44,6 +47,20 @@ READ_JOIN_TIMEOUT_S = 60.0  # how long close() waits for read-ahead still in fli
 
 class ShardUnreachable(ShardError):
     """Storage kept failing after the bounded retries; never skipped."""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Sent with each batch from the worker that cut it (across processes: it pickles). After it the
+    worker stands at `pos`, the next position of its `epoch` order (skipped bad windows count; past
+    the end it wraps around to top up), having yielded `k` batches this epoch: all a resume needs.
+    `stats`: counter deltas since the worker's previous batch; `bad`: bad-input messages met since."""
+    worker: int
+    epoch: int
+    pos: int
+    k: int
+    stats: dict
+    bad: list
 
 
 class _Bad:
@@ -74,48 +91,35 @@ def _spawn(fn) -> tuple[Future, threading.Thread]:
 class ShardStream(IterableDataset):
     """Streams windows of one split of a manifest's shards; see the module docstring.
 
+    `cfg` holds the data knobs; the keywords are what the trainer decides (window length, batch,
+    ranks, seed) and evaluation's overrides of cfg (split, shuffle, infinite: None keeps cfg's).
     `overlap` (default: seq_len) is how many rows val/test start before their border; for
     forecasting windows of length L+H pass seq_len=L+H, overlap=L.
     """
 
-    def __init__(self, manifest: dict, *, seq_len: int, batch_size: int, split: str = "train", stride: int = 1,
-                 overlap: Optional[int] = None, channels: str = "multivariate", short_series: str = "drop",
-                 normalize: bool = True, series_norm: bool = False, shuffle: bool = True, shuffle_buffer: int = 1024,
-                 shuffle_shards: int = 4,
-                 infinite: bool = False,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 on_bad_sample: str = "error", retries: int = 3, backoff: float = 0.2, read_ahead: int = 2,
-                 storage_options: Optional[dict] = None, drop_last: bool = True, verify: bool = True,
-                 io_timeout: Optional[float] = _fs.DEFAULT_IO_TIMEOUT):
+    def __init__(self, manifest: dict, cfg: DataConfig, *, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, split: Optional[str] = None, overlap: Optional[int] = None,
+                 shuffle: Optional[bool] = None, infinite: Optional[bool] = None, drop_last: bool = True):
+        self.cfg = cfg = replace(cfg, split=split or cfg.split, shuffle=cfg.shuffle if shuffle is None else shuffle,
+                                 infinite=cfg.infinite if infinite is None else infinite)
+        split, stride, short_series = cfg.split, cfg.window_stride, cfg.short_series
         if seq_len < 1 or batch_size < 1 or stride < 1:
             raise DataError(f"seq_len, batch_size and stride must be >= 1 (got {seq_len}, {batch_size}, {stride})")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} outside world_size {world_size}")
-        if on_bad_sample not in ("error", "skip"):
-            raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-        if channels not in ("multivariate", "independent"):
-            raise DataError(f"channels must be 'multivariate' or 'independent', got {channels!r}")
-        if short_series not in ("drop", "pad", "error"):
-            raise DataError(f"short_series must be 'drop', 'pad' or 'error', got {short_series!r}")
         self.manifest = manifest
         self.url = manifest.get("_url", "<manifest>")
         self.fmt = manifest["format"]
-        self.seq_len, self.batch_size, self.split, self.stride = seq_len, batch_size, split, stride
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.overlap = seq_len if overlap is None else overlap
-        self.independent = channels == "independent"
-        self.short_series, self.normalize, self.infinite = short_series, normalize, infinite
-        if normalize and series_norm:
+        self.independent = cfg.channels == "independent"
+        if cfg.normalize and cfg.series_norm:
             raise DataError("normalize (manifest statistics) and series_norm (each series' own) exclude each other")
-        self.series_norm = series_norm
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.workers = max(1, num_workers)
-        self.seed, self.on_bad_sample, self.drop_last = seed, on_bad_sample, drop_last
-        self.retries, self.backoff, self.read_ahead = retries, backoff, max(0, read_ahead)
-        self.storage_options = storage_options or {}
-        self.verify = verify
-        self.io_timeout = io_timeout
+        self.workers = max(1, cfg.num_workers)
+        self.drop_last = drop_last
         self.epoch = 0
-        self.resume: dict[int, tuple[int, int, int]] = {}
+        self.starts: Optional[list[tuple[int, int, int]]] = None  # set on copies by positioned()
 
         shards: list[ShardWindows] = []
         self.plan_stats: Counter = Counter()
@@ -124,7 +128,7 @@ class ShardStream(IterableDataset):
             url = shard_url(manifest, entry)
             if entry["samples"] == 0 or not entry["shapes"]:
                 why = entry.get("bad") or f"shard {url}: empty shard (the manifest lists 0 series)"
-                if on_bad_sample == "skip":
+                if cfg.on_bad_sample == "skip":
                     self.plan_stats["bad_shards"] += 1
                     skipped.append(why)
                     log.warning("data: skipped bad input: %s", why)
@@ -155,7 +159,7 @@ class ShardStream(IterableDataset):
                             "; use data.channels: independent")
         self.n_channels = 1 if self.independent else (chans.pop() if chans else 0)
         self.mean = self.std = None
-        if normalize:
+        if cfg.normalize:
             st = manifest.get("stats")
             if not st:
                 raise DataError(f"manifest {self.url}: no per-channel statistics (channel counts differ or no "
@@ -167,8 +171,8 @@ class ShardStream(IterableDataset):
                 raise DataError(f"manifest {self.url}: statistics cover {len(self.mean)} channels but series "
                                 f"have {bad_c}; set data.normalize: false")
         self.plan = Plan(shards, world_size=world_size, rank=rank, workers=self.workers, batch_size=batch_size,
-                         seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
-                         shuffle_shards=shuffle_shards)
+                         seed=seed, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, drop_last=drop_last,
+                         shuffle_shards=cfg.shuffle_shards)
         if rank != 0:  # data-set-wide counts live on rank 0 only, so the trainer can sum stats over ranks
             self.plan_stats.clear()
         self.plan_stats["tail_dropped"] = self.plan.tail_dropped()
@@ -184,8 +188,8 @@ class ShardStream(IterableDataset):
             retried[0] += 1
             log.warning("shard %s: transient error, retrying (%s: %s)", sw.url, type(e).__name__, e)
         try:
-            data = _fs.read_bytes(sw.url, self.storage_options, self.retries, self.backoff, on_retry,
-                                  timeout=self.io_timeout)
+            data = _fs.read_bytes(sw.url, self.cfg.storage_options or {}, self.cfg.retries, self.cfg.retry_backoff,
+                                  on_retry, timeout=self.cfg.io_timeout)
         except FileNotFoundError:
             return self._bad_or_raise(shard_error(sw.url, "not found"))
         except OSError as e:
@@ -199,7 +203,7 @@ class ShardStream(IterableDataset):
             if want is not None and want != len(data):
                 why = "truncated" if len(data) < want else "modified"
                 raise shard_error(sw.url, f"{why}: {len(data)} bytes, the manifest says {want}")
-            if self.verify and sw.entry.get("sha256") and sha256(data) != sw.entry["sha256"]:
+            if self.cfg.verify_checksums and sw.entry.get("sha256") and sha256(data) != sw.entry["sha256"]:
                 raise shard_error(sw.url, "corrupt or modified: content does not match the manifest's sha256")
             shard = decode(sw.url, data, self.fmt)
             check_against_manifest(shard, sw.entry)
@@ -208,13 +212,13 @@ class ShardStream(IterableDataset):
             return self._bad_or_raise(e)
 
     def _bad_or_raise(self, e: ShardError) -> _Bad:
-        if self.on_bad_sample == "skip":
+        if self.cfg.on_bad_sample == "skip":
             return _Bad(str(e))
         raise e
 
     def _prepare(self, sw: ShardWindows, shard, nbytes: int, retries: int) -> _Prepared:
         C, T = expand_shapes(sw.entry["shapes"])
-        L, pad = self.seq_len, self.short_series == "pad"
+        L, pad = self.seq_len, self.cfg.short_series == "pad"
         arrays: list = [None] * len(shard)
         bad: dict[int, str] = {}
         for i, x in enumerate(shard.arrays):
@@ -224,7 +228,7 @@ class ShardStream(IterableDataset):
             part = x[:, a:b]
             if self.mean is not None:  # z-score once per series; windows are views of the result
                 part = (part - self.mean[:, None]) / self.std[:, None]
-            elif self.series_norm and part.shape[1] > 0:  # each channel by its own split-row statistics
+            elif self.cfg.series_norm and part.shape[1] > 0:  # each channel by its own split-row statistics
                 p64 = part.astype(np.float64)  # large offsets (1e6 + noise) lose the noise in fp32 statistics
                 with np.errstate(invalid="ignore"):
                     mu, sd = p64.mean(axis=1, keepdims=True), p64.std(axis=1, keepdims=True)
@@ -233,7 +237,7 @@ class ShardStream(IterableDataset):
                 n_bad = int(part.size - np.count_nonzero(np.isfinite(x[:, a:b])))
                 msg = (f"shard {sw.url}: series {shard.ids[i]!r} (#{i}) has {n_bad} NaN/inf value(s) "
                        f"in rows {a}..{b}")
-                if self.on_bad_sample != "skip":
+                if self.cfg.on_bad_sample != "skip":
                     raise ShardError(msg)
                 bad[i] = msg
                 continue
@@ -248,7 +252,7 @@ class ShardStream(IterableDataset):
     def worker_layout(self) -> int:
         info = get_worker_info()
         if info is None:
-            if self.num_workers > 0:
+            if self.cfg.num_workers > 0:
                 raise DataError("ShardStream was built for DataLoader workers but iterated in the main process")
             return 0
         if info.num_workers != self.workers:
@@ -258,21 +262,30 @@ class ShardStream(IterableDataset):
     def transfer_batches(self) -> int:
         """Batches per item a DataLoader worker hands over: one ~4 MB tensor moves through shared
         memory much faster than many small ones (the per-item IPC cost dominates small batches)."""
-        if self.num_workers == 0:
+        if self.cfg.num_workers == 0:
             return 1
         nbytes = self.batch_size * max(1, self.n_channels) * self.seq_len * 4
         return int(min(16, max(1, (4 << 20) // nbytes)))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-        """Items are (tensor [n, B, C, L], n infos): n consecutive batches of this worker."""
+    def positioned(self, starts: Iterable[Iterable[int]]) -> ShardStream:
+        """A copy whose worker w starts at starts[w] = (epoch, pos, k) (see BatchInfo), not at the
+        start of `epoch`: how a loader resumes. A copy, because DataLoader takes the dataset it is
+        given into its workers; this stream stays as it was."""
+        ds = copy.copy(self)
+        ds.starts = [tuple(p) for p in starts]
+        return ds
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[BatchInfo]]]:
+        """Items are (tensor [n, B, C, L], n BatchInfo): n consecutive batches of this worker."""
         w = self.worker_layout()
-        epoch, pos, k = self.resume.get(w, (self.epoch, 0, 0))
+        epoch, pos, k = self.starts[w] if self.starts else (self.epoch, 0, 0)
         return self._chunks(self._emit(w, self.plan.consumer(w), epoch, pos, k), self.transfer_batches())
 
     @staticmethod
-    def _chunks(batches: Iterator[tuple[np.ndarray, dict]], n: int) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+    def _chunks(batches: Iterator[tuple[np.ndarray, BatchInfo]],
+                n: int) -> Iterator[tuple[torch.Tensor, list[BatchInfo]]]:
         buf: list[np.ndarray] = []
-        infos: list[dict] = []
+        infos: list[BatchInfo] = []
         try:
             for b, info in batches:
                 if buf and (len(buf) >= n or b.shape != buf[0].shape):
@@ -288,71 +301,62 @@ class ShardStream(IterableDataset):
         finally:
             batches.close()
 
-    def _emit(self, w: int, consumer: int, epoch: int, pos: int, k: int) -> Iterator[tuple[np.ndarray, dict]]:
-        B = self.batch_size
+    def _emit(self, w: int, consumer: int, epoch: int, pos: int, k: int) -> Iterator[tuple[np.ndarray, BatchInfo]]:
+        B, quota = self.batch_size, self.plan.quotas[consumer]
         stats: Counter = Counter()
         bad_msgs: list[str] = []
         # every consumer reads every shard when striding: let consumer 0 alone count bad shards/series
         cache = _Cache(self, stats, count_bad=self.plan.mode == "shard" or consumer == 0)
         try:
-            while True:
+            for epoch in itertools.count(epoch) if self.cfg.infinite else (epoch,):
                 seq = self.plan.sequence(consumer, epoch)
                 cache.start(seq)
+                N = seq.n
                 # Bad shards/series are counted when the consumer first takes a window of their group, so
                 # a resume (groups before `pos` are in the restored counters) or a wrap-around top-up
                 # (pos >= N re-reads groups) never counts them twice.
-                last = int(seq.locate(np.asarray([min(pos, seq.n) - 1]))[2][0]) if pos > 0 else -1
+                last = int(seq.locate(np.asarray([min(pos, N) - 1]))[2][0]) if pos > 0 else -1
                 counted = set(range(last + 1))
-                quota, N = self.plan.quotas[consumer], seq.n
                 run = 0  # consecutive skipped positions: a whole lap without a window is an error
                 ahead: list = []  # windows located + sliced ahead of need (never past the quota's last position)
-                while k < quota:
-                    wins: list[np.ndarray] = []
-                    want = B if self.drop_last else min(B, N - pos)
-                    if want <= 0:
-                        break
-                    while len(wins) < want and (self.drop_last or pos < N):
-                        if not ahead:
-                            need = (quota - k) * B - len(wins) if self.drop_last else N - pos
-                            ps = np.arange(pos, pos + max(1, min(need, 2048)), dtype=np.int64)
-                            located = seq.locate(ps % N)
-                            ahead = list(zip(cache.fetch(*located), located[2].tolist()))
-                            ahead.reverse()
-                        x, grp = ahead.pop()
-                        if pos >= N:
-                            stats["resampled"] += x is not None
-                        elif grp not in counted:
-                            counted.add(grp)
-                            if cache.count_bad:
-                                n_shards, n_series, msgs = cache.group_bad.get(grp, (0, 0, []))
-                                stats["bad_shards"] += n_shards
-                                stats["bad_series"] += n_series
-                                bad_msgs.extend(msgs)
-                        pos += 1
-                        if x is None:
-                            stats["skipped_bad"] += 1
-                            run += 1
-                            if run >= N:
-                                seen = [m for _, _, ms in cache.group_bad.values() for m in ms]
-                                raise DataError(f"consumer {consumer}: no valid window in a whole pass over "
-                                                f"its shards ({N} windows skipped as bad): " + "; ".join(seen[:3]))
-                            continue
+                wins: list[np.ndarray] = []
+                # drop_last: whole batches, topped up past N by wrapping around; else up to B until N
+                while k < quota and (self.drop_last or pos < N):
+                    if not ahead:
+                        need = (quota - k) * B - len(wins) if self.drop_last else N - pos
+                        ps = np.arange(pos, pos + max(1, min(need, 2048)), dtype=np.int64)
+                        located = seq.locate(ps % N)
+                        ahead = list(zip(cache.fetch(*located), located[2].tolist()))[::-1]
+                    x, grp = ahead.pop()
+                    if pos >= N:
+                        stats["resampled"] += x is not None
+                    elif grp not in counted:
+                        counted.add(grp)
+                        if cache.count_bad:
+                            n_shards, n_series, msgs = cache.group_bad.get(grp, (0, 0, []))
+                            stats["bad_shards"] += n_shards
+                            stats["bad_series"] += n_series
+                            bad_msgs.extend(msgs)
+                    pos += 1
+                    if x is None:
+                        stats["skipped_bad"] += 1
+                        run += 1
+                        if run >= N:
+                            seen = [m for _, _, ms in cache.group_bad.values() for m in ms]
+                            raise DataError(f"consumer {consumer}: no valid window in a whole pass over "
+                                            f"its shards ({N} windows skipped as bad): " + "; ".join(seen[:3]))
+                    else:
                         run = 0
                         wins.append(x)
-                        if not self.drop_last and pos >= N:
-                            break
-                    if not wins:
-                        break
-                    k += 1
-                    stats["windows"] += len(wins)
-                    stats["batches"] += 1
-                    info = {"w": w, "e": epoch, "p": pos, "k": k, "s": dict(stats), "bad": list(bad_msgs)}
-                    stats.clear()
-                    bad_msgs.clear()
-                    yield np.stack(wins), info
-                if not self.infinite:
-                    break
-                epoch, pos, k = epoch + 1, 0, 0
+                    if len(wins) == B or (wins and not self.drop_last and pos >= N):
+                        k += 1
+                        stats["windows"] += len(wins)
+                        stats["batches"] += 1
+                        info = BatchInfo(w, epoch, pos, k, dict(stats), bad_msgs)
+                        stats.clear()
+                        batch, wins, bad_msgs = np.stack(wins), [], []
+                        yield batch, info
+                pos = k = 0
         finally:
             cache.close()
 
@@ -408,12 +412,13 @@ class _Cache:
     def _enter(self, g: int) -> None:
         seq = self.seq
         need = seq.group_shards(g)
+        read_ahead = max(0, self.ds.cfg.read_ahead)
         upcoming: list[int] = []
         for h in range(g + 1, seq.n_groups):
             upcoming += seq.group_shards(h)
-            if len(upcoming) >= self.ds.read_ahead:
+            if len(upcoming) >= read_ahead:
                 break
-        upcoming = upcoming[:self.ds.read_ahead]
+        upcoming = upcoming[:read_ahead]
         keep = set(need) | set(upcoming)
         for sid in need + upcoming:
             if sid not in self.futures and sid not in self.ready:

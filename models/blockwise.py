@@ -7,7 +7,7 @@ style: the forward keeps each row's log-sum-exp, the backward recomputes a block
 Extra memory beyond inputs, outputs and their gradients is O(block x Nk) (plus O(N x h) for the
 normalised representations, and a copy of the values in the matmul dtype when that differs).
 
-The results equal the dense path of models/simmtm.py (`similarity_logits`, `mask_self`,
+The results equal the dense path of models/similarity.py (`similarity_logits`, `mask_self`,
 `aggregate`, `constraint_loss`): same dtype rules (logits/softmax in fp32 at least, fp64 stays
 fp64; matmuls in `dtype` when it is bf16/fp16), same self-masking by index.
 
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .simmtm import aggregate, constraint_loss, mask_self, similarity_logits
+from .similarity import aggregate, constraint_loss, mask_self, similarity_logits
 
 DENSE_BYTES = 256 * 2**20  # largest fp32 Nq x Nk logits matrix for which the dense path is used
 BLOCK_BYTES = 32 * 2**20  # auto block size: one block x Nk work-dtype matrix stays below this

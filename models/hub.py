@@ -6,7 +6,8 @@ conventions users of other time-series foundation models expect (`Model.from_pre
 `save_pretrained`, `push_to_hub`), but loads whatever pickle or safetensors file it finds, unchecked, and
 reads local folders and the Hub only. Here every source goes through `load_state`: safetensors only, the
 weights verified against the `weights_sha256` in config.json, non-finite tensors refused, the file at
-fault named. Loading needs torch, safetensors and huggingface_hub only (no DeepSpeed, no pickle).
+fault named. Loading needs no DeepSpeed and no pickle; bytes move through data_pipeline/fs.py (retries,
+atomic writes), the project's one I/O layer.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from data_pipeline import fs as _fs
+
 from .encoder import Encoder
 from .config import SimMTMConfig
 from .simmtm import SimMTM
@@ -31,30 +34,17 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub sp
 
 
 def _is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
+    return not _fs.is_local(str(path))
 
 
+# Through the data pipeline's I/O layer (bounded retries, atomic writes), without its per-operation deadline:
+# weights can take longer than a shard; S3's socket timeouts still end a frozen request.
 def write_bytes(path: str, data: bytes, storage_options: Optional[dict] = None) -> None:
-    if _is_url(path):
-        import fsspec
-
-        with fsspec.open(path, "wb", **(storage_options or {})) as f:
-            f.write(data)
-    else:
-        p = Path(str(path).removeprefix("file://"))
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(p)
+    _fs.atomic_write(str(path), data, storage_options, timeout=None)
 
 
 def read_bytes(path: str, storage_options: Optional[dict] = None) -> bytes:
-    if _is_url(path):
-        import fsspec
-
-        with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            return f.read()
-    return Path(str(path).removeprefix("file://")).read_bytes()
+    return _fs.read_bytes(str(path), storage_options, timeout=None)
 
 
 def join(folder: str, name: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from models.blockwise import (auto_block, blockwise_aggregate, blockwise_constraint_loss, similarity_and_losses,
                               use_dense)
-from models.simmtm import aggregate, constraint_loss, mask_self, positive_index, similarity_logits
+from models.similarity import aggregate, constraint_loss, mask_self, positive_index, similarity_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +175,7 @@ MEMORY_SCRIPT = """
 import json, sys, time, torch
 torch.set_num_threads(1)
 from models.blockwise import blockwise_aggregate, blockwise_constraint_loss
-from models.simmtm import positive_index
+from models.similarity import positive_index
 def hwm():
     for line in open('/proc/self/status'):
         if line.startswith(('VmHWM', 'VmRSS')):

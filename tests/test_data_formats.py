@@ -63,7 +63,7 @@ def test_csv_manifest_records_borders_stats_and_hash(etth1_manifest):
 
 
 def test_csv_train_windows_equal_csv(etth1_manifest, etth1_z):
-    ds = ShardStream(etth1_manifest, seq_len=L, batch_size=5, shuffle=False)
+    ds = ShardStream(etth1_manifest, DataConfig(shuffle=False), seq_len=L, batch_size=5)
     wins = all_windows(ds)
     assert wins.shape == (8640 - L + 1, 7, L) == (8305, 7, L)
     ref = np.lib.stride_tricks.sliding_window_view(etth1_z[:, :8640], L, axis=1).transpose(1, 0, 2)
@@ -77,7 +77,7 @@ def test_csv_train_windows_equal_csv(etth1_manifest, etth1_z):
 @pytest.mark.parametrize("split,start,end", [("val", 8640 - L, 11520), ("test", 11520 - L, 14400)])
 def test_val_test_splits_overlap_by_input_length(etth1_manifest, etth1_z, split, start, end):
     H = 96  # forecasting: windows of L + H, the caller splits input / target
-    ds = ShardStream(etth1_manifest, seq_len=L + H, overlap=L, split=split, batch_size=1, shuffle=False)
+    ds = ShardStream(etth1_manifest, DataConfig(split=split, shuffle=False), seq_len=L + H, overlap=L, batch_size=1)
     wins = all_windows(ds)
     assert len(wins) == (end - start) - (L + H) + 1
     np.testing.assert_allclose(wins[0], etth1_z[:, start:start + L + H], atol=2e-5)
@@ -120,7 +120,7 @@ def test_tfc_pt_roundtrip_by_file_split(tmp_path, fmt):
     for split in ("train", "test"):
         ref = torch.load(files[["train", "val", "test"].index(split)], weights_only=True)
         x = ref["samples"].numpy().astype(np.float32)
-        ds = ShardStream(m, seq_len=206, batch_size=1, split=split, shuffle=False, normalize=False)
+        ds = ShardStream(m, DataConfig(split=split, shuffle=False, normalize=False), seq_len=206, batch_size=1)
         got = all_windows(ds)  # one full-length window per series, in file order
         np.testing.assert_array_equal(got, x)
     # labels are kept per series in the shard
@@ -135,8 +135,8 @@ def test_tfc_pt_roundtrip_by_file_split(tmp_path, fmt):
 
 def test_epilepsy_pt_independent_channels(tmp_path):
     m = convert_pt(str(SHARED / "classification" / "Epilepsy" / "train.pt"), str(tmp_path / "e"), progress=False)
-    ds = ShardStream(m, seq_len=178, batch_size=4, split="train", shuffle=False, channels="independent",
-                     normalize=False)
+    ds = ShardStream(m, DataConfig(split="train", shuffle=False, channels="independent", normalize=False),
+                     seq_len=178, batch_size=4)
     x = torch.load(SHARED / "classification" / "Epilepsy" / "train.pt", weights_only=True)["samples"].numpy()
     np.testing.assert_array_equal(all_windows(ds), x.astype(np.float32))
     assert ds.plan.steps == 15
@@ -150,13 +150,13 @@ def test_npz_and_npy_roundtrip(tmp_path, fmt):
     np.savez(tmp_path / "set_train.npz", samples=x, labels=y)
     np.save(tmp_path / "uni.npy", x[:, 0, :].astype(np.float64))  # [N, L]: N univariate series
     m = convert_numpy(str(tmp_path / "set_train.npz"), str(tmp_path / "out"), fmt, progress=False)
-    ds = ShardStream(m, seq_len=20, stride=10, batch_size=1, shuffle=False, normalize=False)
+    ds = ShardStream(m, DataConfig(window_stride=10, shuffle=False, normalize=False), seq_len=20, batch_size=1)
     got = all_windows(ds)
     ref = np.stack([x[i, :, s:s + 20] for i in range(12) for s in (0, 10, 20, 30)])
     np.testing.assert_array_equal(got, ref)
     m2 = convert_numpy(str(tmp_path / "uni.npy"), str(tmp_path / "out2"), fmt, progress=False)
     assert m2["samples"] == 12 and m2["n_channels"] == 1
-    ds2 = ShardStream(m2, seq_len=50, batch_size=1, shuffle=False, normalize=False)
+    ds2 = ShardStream(m2, DataConfig(shuffle=False, normalize=False), seq_len=50, batch_size=1)
     np.testing.assert_array_equal(all_windows(ds2)[:, 0], x[:, 0, :])
 
 
@@ -168,7 +168,7 @@ def test_ucr_tsv_variable_length(tmp_path):
                     progress=False)
     assert m["name"] == "Toy" and m["splits"]["available"] == ["train", "test"]
     assert m["shards"][0]["shapes"] == [[1, 5, 1], [1, 3, 1], [1, 4, 1]]
-    ds = ShardStream(m, seq_len=3, batch_size=1, shuffle=False, normalize=False)
+    ds = ShardStream(m, DataConfig(shuffle=False, normalize=False), seq_len=3, batch_size=1)
     got = [x[0].tolist() for _, x in ds.iter_windows()]
     assert got == [[1, 2, 3], [2, 3, 4], [3, 4, 5], [6, 7, 8], [9, 10, 11], [10, 11, 12]]
     shard = decode_parquet("x", (tmp_path / "o" / m["shards"][0]["url"]).read_bytes())

@@ -30,10 +30,10 @@ def few(tmp_path_factory) -> dict:
     return write_series(identity_series(LENGTHS, 2), str(out), "webdataset", shard_samples=14, progress=False)
 
 
-def stream(m: dict, **kw) -> ShardStream:
-    args = dict(seq_len=SEQ, stride=STRIDE, batch_size=8, normalize=False, seed=1)
-    args.update(kw)
-    return ShardStream(m, **args)
+def stream(m: dict, seq_len: int = SEQ, stride: int = STRIDE, batch_size: int = 8, rank: int = 0, world_size: int = 1,
+           seed: int = 1, normalize: bool = False, **cfg_kw) -> ShardStream:
+    cfg = DataConfig(window_stride=stride, normalize=normalize, **cfg_kw)
+    return ShardStream(m, cfg, seq_len=seq_len, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
 
 
 def consumer_keys(m: dict, world: int, workers: int, **kw) -> list[list[tuple]]:
@@ -146,7 +146,7 @@ def test_independent_channels_and_stride(tmp_path):
     assert all(w.shape == (1, 10) for w in wins)
     assert [window_key(w) for w in wins] == sorted(expected_keys([50, 30], 3, 10, 5, independent=True))
     chunk, infos = next(iter(ds))
-    assert chunk.shape == (1, 8, 1, 10) and infos[0]["k"] == 1
+    assert chunk.shape == (1, 8, 1, 10) and infos[0].k == 1
 
 
 def test_short_series_drop_pad_error(tmp_path):

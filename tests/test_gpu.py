@@ -25,7 +25,7 @@ from models import SimMTM, SimMTMConfig, load_pretrained, load_simmtm
 from models.blockwise import similarity_and_losses
 from models.encoder import sdpa, sdpa_backends
 from models.masking import bernoulli_mask, geometric_mask, make_views
-from models.simmtm import positive_index
+from models.similarity import positive_index
 from tests.test_masking import stretches
 from trainer.distributed import parameter_digest
 

@@ -149,7 +149,7 @@ def test_deepspeed_steps_our_torch_optimizer_inside_zero():
         assert type(torch_optimizer(engine)) is torch.optim.Adam and engine.optimizer is not torch_optimizer(engine)
         assert ds["optimizer"]["type"] == "Adam"  # still recorded in the run's ds_config.json
     finally:
-        dist.release_engine(engine)
+        engine.destroy()
 
 
 @pytest.mark.parametrize("saved_fused", [False, True])

@@ -77,7 +77,7 @@ def test_checkpoint_save_refuses_non_finite_weights(tmp_path):
     with torch.no_grad():
         next(model.parameters())[0] = float("inf")
     with pytest.raises(NonFiniteError, match="not saved"):
-        checkpoint.save(engine, tmp_path, 1, {"step": 1}, {}, keep=0)
+        checkpoint.save(engine, tmp_path, 1, {}, {"step": 1}, keep=0)
     assert checkpoint.latest_tag(tmp_path) is None
 
 

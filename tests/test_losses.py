@@ -7,7 +7,7 @@ import torch
 from models import SimMTM, SimMTMConfig
 from models.encoder import instance_norm
 from models.masking import make_views
-from models.simmtm import aggregate, constraint_loss, mask_self, positive_index, similarity_logits
+from models.similarity import aggregate, constraint_loss, mask_self, positive_index, similarity_logits
 
 torch.set_default_dtype(torch.float32)
 

@@ -123,7 +123,7 @@ def test_summary_reports_constraint_bounds(val_run):
 
 
 def test_constraint_loss_bounds_match_the_model_definition():
-    from models.simmtm import constraint_loss, mask_self, positive_index, similarity_logits
+    from models.similarity import constraint_loss, mask_self, positive_index, similarity_logits
     from trainer.pretrain import constraint_bounds
 
     n0, m = 6, 3
@@ -153,7 +153,7 @@ def test_rotation_never_deletes_best(tmp_path):
     cfg = load_config(None, ["optim.warmup_steps=1"])
     engine, _ = build_engine(torch.nn.Linear(2, 2), cfg, torch.device("cpu"), 10)
     for step in range(1, 6):
-        checkpoint.save(engine, tmp_path, step, {"step": step}, {}, keep=2, best=step == 2)
+        checkpoint.save(engine, tmp_path, step, {}, {"step": step}, keep=2, best=step == 2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000004", "step_00000005"]
     assert checkpoint.best_tag(tmp_path) == "step_00000002" and checkpoint.latest_tag(tmp_path) == "step_00000005"
     checkpoint.set_best(tmp_path, None)

@@ -22,22 +22,22 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from models.hub import first_nonfinite
+from data_pipeline.fs import atomic_write, exists, filesystem, read_bytes, retrying
+from models.hub import first_nonfinite, join
 
 from . import distributed as dist
 from .engine import NonFiniteError, kernels_kept, torch_optimizer
+from .state import Stateful
 
 LATEST, BEST, COMPLETE, STATE = "latest", "best", "COMPLETE", "state.json"
 
@@ -95,39 +95,10 @@ def safe_torch_load():
         torch.load = original
 
 
-# ----------------------------------------------------------------------------- RNG state
-
-def rng_state(generator: Optional[torch.Generator]) -> dict:
-    np_state = np.random.get_state()
-    py = random.getstate()
-    return {"torch": torch.get_rng_state().tolist(),
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [py[0], list(py[1]), py[2]],
-            "mask_generator": generator.get_state().tolist() if generator is not None else None,
-            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict, generator: Optional[torch.Generator]) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    if generator is not None and state.get("mask_generator") is not None:
-        generator.set_state(torch.tensor(state["mask_generator"], dtype=torch.uint8))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
 # ----------------------------------------------------------------------------- files
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(str(path), json.dumps(obj).encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -155,22 +126,12 @@ def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
     return _read_pointer(ckpt_dir, LATEST)
 
 
-def _write_pointer(path: Path, tag: str) -> None:
-    """Crash-safe pointer update: write a temporary file, fsync, rename over the pointer."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def set_latest(ckpt_dir: str | Path, tag: str) -> None:
     """Point `latest` at a complete checkpoint (a rollback). Rank 0 only, not collective."""
     d = Path(ckpt_dir)
     if not (d / tag / COMPLETE).exists():
         raise CheckpointError(f"{d / tag}: not a complete checkpoint, cannot be named latest")
-    _write_pointer(d / LATEST, tag)
+    atomic_write(str(d / LATEST), tag.encode())
 
 
 def best_tag(ckpt_dir: str | Path) -> Optional[str]:
@@ -186,7 +147,7 @@ def set_best(ckpt_dir: str | Path, tag: Optional[str]) -> None:
         return
     if not (d / tag / COMPLETE).exists():
         raise CheckpointError(f"{d / tag}: not a complete checkpoint, cannot be named best")
-    _write_pointer(d / BEST, tag)
+    atomic_write(str(d / BEST), tag.encode())
 
 
 def _sha256(path: Path) -> str:
@@ -199,7 +160,7 @@ def _sha256(path: Path) -> str:
 
 def _digests(folder: Path) -> dict:
     return {str(f.relative_to(folder)): _sha256(f) for f in sorted(folder.rglob("*"))
-            if f.is_file() and f.name != COMPLETE and not f.name.endswith(".tmp")}
+            if f.is_file() and f.name != COMPLETE and ".tmp" not in f.name}
 
 
 def verify(folder: str | Path) -> None:
@@ -232,12 +193,14 @@ def read_state(ckpt_dir: str | Path, tag: str) -> dict:
 
 # ----------------------------------------------------------------------------- save / load
 
-def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, keep: int,
-         best: bool = False, weights_only: bool = False) -> Path:
-    """Collective: every rank calls it with its own `per_rank` state. `best`: this checkpoint becomes
-    the one `best` names (after it is complete, like `latest`). `weights_only`: fp32 weights as
-    model.safetensors and no optimizer state, whatever the engine (ZeRO <= 2: whole parameters on
-    rank 0); training cannot continue from it, so rotation always keeps the newest full checkpoint."""
+def save(engine, ckpt_dir: str | Path, step: int, states: dict[str, Stateful], meta: Optional[dict] = None, *,
+         keep: int, best: bool = False, weights_only: bool = False) -> Path:
+    """Collective: the engine's files, every registered state (shared ones merged with `meta`, the
+    run's description, into state.json by rank 0; the others into each rank's rank{r}.json under
+    their names), then COMPLETE and `latest`. `best`: this checkpoint becomes the one `best` names
+    (after it is complete, like `latest`). `weights_only`: fp32 weights as model.safetensors and no
+    optimizer state, whatever the engine (ZeRO <= 2: whole parameters on rank 0); training cannot
+    continue from it, so rotation always keeps the newest full checkpoint."""
     d = Path(ckpt_dir)
     tag = tag_for(step)
     folder = d / tag
@@ -255,39 +218,46 @@ def save(engine, ckpt_dir: str | Path, step: int, shared: dict, per_rank: dict, 
         folder.mkdir(parents=True, exist_ok=True)
 
     dist.agree(prepare if rank == 0 else (lambda: None), f"preparing {folder}")
-    if hasattr(engine, "save_checkpoint") and not weights_only:  # DeepSpeed: model + optimizer shards
+    if not weights_only:  # DeepSpeed: model + optimizer shards; the plain engine: its two files
         engine.save_checkpoint(str(d), tag=tag, client_state={}, save_latest=False)
     elif rank == 0:
-        save_file({k: (v.float() if v.is_floating_point() and weights_only else v).detach().cpu().contiguous()
+        save_file({k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
                    for k, v in engine.module.state_dict().items()}, str(folder / "model.safetensors"))
-    if rank == 0 and not weights_only and not hasattr(engine, "save_checkpoint"):
-        torch.save({"optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
-                    "micro": engine.micro, "global_steps": engine.global_steps}, folder / "optimizer.pt")
     _crash_point(tag)
-    _write_json(folder / f"rank{rank}.json", per_rank)
+    shared = {**(meta or {}), "resumable": not weights_only}
+    for s in states.values():
+        if s.shared:
+            shared.update(s.state_dict())
+    _write_json(folder / f"rank{rank}.json", {name: s.state_dict() for name, s in states.items() if not s.shared})
     if rank == 0:
         _write_json(folder / STATE, shared)
     dist.barrier()
     if rank == 0:
         _write_json(folder / COMPLETE, {"step": step, "sha256": _digests(folder)})
-        _write_pointer(d / LATEST, tag)  # the pointer moves only now, atomically
+        atomic_write(str(d / LATEST), tag.encode())  # the pointer moves only now, atomically
         if best:
-            _write_pointer(d / BEST, tag)
-        # Keep the newest `keep` complete checkpoints, counting this one whatever its step (after a
-        # rollback an older-numbered checkpoint is the latest), always the one `best` names, and the
-        # newest one training can continue from.
-        keep_best = (d / BEST).read_text().strip() if (d / BEST).exists() else None
-        others = sorted(p for p in d.glob("step_????????") if p.is_dir() and p.name not in (tag, keep_best)
-                        and (p / COMPLETE).exists())
-        if weights_only:
-            full = [p for p in others if _read_json(p / STATE).get("resumable", True)]
-            others = [p for p in others if p not in full[-1:]]
-        for old in others[:max(0, len(others) - (keep - 1))] if keep > 0 else []:
-            (old / COMPLETE).unlink(missing_ok=True)
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+            atomic_write(str(d / BEST), tag.encode())
+        _rotate(d, tag, keep, weights_only)
     dist.barrier()
     return folder
+
+
+def _rotate(d: Path, tag: str, keep: int, weights_only: bool) -> None:
+    """Keep the newest `keep` complete checkpoints, counting `tag` whatever its step (after a rollback
+    an older-numbered checkpoint is the latest), always the one `best` names, and the newest one
+    training can continue from."""
+    if keep <= 0:
+        return
+    keep_best = (d / BEST).read_text().strip() if (d / BEST).exists() else None
+    others = sorted(p for p in d.glob("step_????????") if p.is_dir() and p.name not in (tag, keep_best)
+                    and (p / COMPLETE).exists())
+    if weights_only:
+        full = [p for p in others if _read_json(p / STATE).get("resumable", True)]
+        others = [p for p in others if p not in full[-1:]]
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        (old / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
 
 
 def _crash_point(tag: str) -> None:
@@ -338,29 +308,48 @@ def load(engine, ckpt_dir: str | Path, tag: str, load_optimizer: bool = True) ->
     folder = Path(ckpt_dir) / tag
     # once per node (ranks of a node read the same files); a bad file on one node stops every rank
     dist.agree(lambda: verify(folder) if dist.discover().local_rank == 0 else None, f"verifying {folder}")
-    with kernels_kept(torch_optimizer(engine)):  # fused on CUDA, whichever device wrote the checkpoint
-        _load(engine, ckpt_dir, tag, load_optimizer)
+    # fused on CUDA, whichever device wrote the checkpoint
+    with kernels_kept(torch_optimizer(engine)), safe_torch_load():
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
+                                         load_lr_scheduler_states=load_optimizer)
+    if path is None:
+        raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint to load")
 
 
-def _load(engine, ckpt_dir: str | Path, tag: str, load_optimizer: bool) -> None:
-    folder = Path(ckpt_dir) / tag
-    if hasattr(engine, "load_checkpoint"):
-        with safe_torch_load():
-            path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
-                                             load_lr_scheduler_states=load_optimizer)
-        if path is None:
-            raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint to load")
-        return
-    try:
-        engine.module.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({e})") from None
-    if load_optimizer:
-        with safe_torch_load():
-            opt = torch.load(folder / "optimizer.pt")
-        engine.optimizer.load_state_dict(opt["optimizer"])
-        engine.scheduler.load_state_dict(opt["scheduler"])
-        engine.micro, engine.global_steps = opt["micro"], opt["global_steps"]
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from: its folder, tag and state.json."""
+    dir: Path
+    tag: str
+    state: dict
+
+    def resized(self, world_size: int) -> bool:
+        return self.state["world_size"] != world_size
+
+    def universal(self, world_size: int) -> bool:
+        """A ZeRO checkpoint written at another world size loads through DeepSpeed's universal format."""
+        return self.resized(world_size) and self.state["engine"] == "deepspeed" and self.state.get("zero_stage", 0) > 0
+
+
+def resume(engine, states: dict[str, Stateful], point: ResumePoint, world_size: int) -> None:
+    """Continue from `point`: the engine's weights, optimizer and schedule, then every registered
+    state, in registration order. At the world size it was saved with this is exact: each rank gets
+    its own states back (data position, RNG streams). At another one the engine loads through the
+    universal conversion (built with load_universal; buffers copied from the original), shared
+    states load, and per-rank states, which have no counterpart, start afresh: `restart(step)` where
+    they define it (the RNG streams), else as built (the data order restarts the epoch). Collective."""
+    universal = point.universal(world_size)
+    load(engine, point.dir, to_universal(point.dir, point.tag) if universal else point.tag)
+    if universal:
+        restore_buffers(engine.module, point.dir, point.tag)
+    mine = None if point.resized(world_size) else load_rank_state(point.dir, point.tag, dist.world()[0])
+    for name, s in states.items():
+        if s.shared:
+            s.load_state_dict(point.state)
+        elif mine is not None:
+            s.load_state_dict(mine[name])
+        elif hasattr(s, "restart"):
+            s.restart(point.state["step"])
 
 
 def restore_buffers(module: torch.nn.Module, ckpt_dir: str | Path, tag: str) -> None:
@@ -393,8 +382,6 @@ def upload(folder: Path, remote: str, storage_options: Optional[dict], local_ran
     the remote `latest` too only ever names a complete checkpoint. `best` (a tag already uploaded,
     possibly this one) goes up as the remote `best` pointer and is never pruned.
     """
-    from data_pipeline.fs import filesystem, retrying
-
     fs, base = filesystem(remote, storage_options)
     tag = folder.name
 
@@ -410,10 +397,10 @@ def upload(folder: Path, remote: str, storage_options: Optional[dict], local_ran
     def publish_pointer() -> None:
         if dist.world()[0] != 0:
             return
-        retrying(lambda: fs.pipe_file(f"{base}/{tag}/{COMPLETE}", (folder / COMPLETE).read_bytes()), "upload marker")
-        retrying(lambda: fs.pipe_file(f"{base}/{LATEST}", tag.encode()), "upload latest")
+        atomic_write(join(remote, f"{tag}/{COMPLETE}"), (folder / COMPLETE).read_bytes(), storage_options)
+        atomic_write(join(remote, LATEST), tag.encode(), storage_options)
         if best is not None:
-            retrying(lambda: fs.pipe_file(f"{base}/{BEST}", best.encode()), "upload best")
+            atomic_write(join(remote, BEST), best.encode(), storage_options)
         if keep > 0:
             fs.invalidate_cache()
             tags = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
@@ -430,23 +417,17 @@ def upload(folder: Path, remote: str, storage_options: Optional[dict], local_ran
 def set_remote_latest(remote: str, tag: str, storage_options: Optional[dict]) -> None:
     """Point the mirror's `latest` at `tag` (a rollback), so resume=auto never downloads the abandoned
     timeline's newer checkpoint. Rank 0 only."""
-    from data_pipeline.fs import filesystem, retrying
-
-    fs, base = filesystem(remote, storage_options)
-    if not fs.exists(f"{base}/{tag}/{COMPLETE}"):
+    if not exists(join(remote, f"{tag}/{COMPLETE}"), storage_options):
         raise CheckpointError(f"{remote}/{tag}: not a complete checkpoint, cannot be named latest")
-    retrying(lambda: fs.pipe_file(f"{base}/{LATEST}", tag.encode()), "upload latest")
+    atomic_write(join(remote, LATEST), tag.encode(), storage_options)
 
 
 def remote_latest(remote: str, storage_options: Optional[dict]) -> Optional[str]:
-    from data_pipeline.fs import filesystem
-
-    fs, base = filesystem(remote, storage_options)
     try:
-        tag = fs.cat_file(f"{base}/{LATEST}").decode().strip()
+        tag = read_bytes(join(remote, LATEST), storage_options).decode().strip()
     except FileNotFoundError:
         return None
-    if not fs.exists(f"{base}/{tag}/{COMPLETE}"):
+    if not exists(join(remote, f"{tag}/{COMPLETE}"), storage_options):
         raise CheckpointError(f"{remote}/{LATEST} names {tag}, which is not a complete checkpoint")
     return tag
 
@@ -458,8 +439,6 @@ def download(remote: str, tag: str, ckpt_dir: Path, storage_options: Optional[di
     node's other ranks wait for it."""
     import time
 
-    from data_pipeline.fs import filesystem
-
     dest = Path(ckpt_dir) / tag
     if (dest / COMPLETE).exists():
         return
@@ -468,7 +447,7 @@ def download(remote: str, tag: str, ckpt_dir: Path, storage_options: Optional[di
         tmp = dest.with_name(dest.name + ".download")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(f"{base}/{tag}/", str(tmp), recursive=True)
+        retrying(lambda: fs.get(f"{base}/{tag}/", str(tmp), recursive=True), f"download {remote}/{tag}")
         if not (tmp / COMPLETE).exists():
             raise CheckpointError(f"{remote}/{tag}: download incomplete (no {COMPLETE})")
         shutil.rmtree(dest, ignore_errors=True)

@@ -29,6 +29,19 @@ class ConfigError(ValueError):
     """A config file or override is malformed; the message names the key."""
 
 
+def repo_path(path: str, anchor: bool = False) -> str:
+    """Where a relative path in a config points: as given when it exists from here (URLs and absolute
+    paths always), else under the repository (the bundled data/ETTh1.csv, cluster/ds_config.json, the
+    foundation model), so every command works from any directory. `anchor`: always under the
+    repository (folders a run writes, such as the shard cache; what evaluation stages, which run in
+    the repository, read)."""
+    if not path or "://" in path or Path(path).is_absolute():
+        return path
+    if anchor or (not Path(path).exists() and (REPO_ROOT / path).exists()):
+        return str(REPO_ROOT / path)
+    return path
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3

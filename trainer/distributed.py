@@ -7,14 +7,14 @@ the standard variables (so DeepSpeed never falls back to mpi4py) and starts the 
 """
 from __future__ import annotations
 
-import gc
+import contextlib
 import logging
 import os
 import re
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -120,6 +120,17 @@ def setup(backend: str = "auto", use_deepspeed: bool = False) -> DistEnv:
     return env
 
 
+def start(cfg, num_threads: int = 0) -> DistEnv:
+    """Process setup every entry point shares: DeepSpeed whenever several ranks run (`cfg`: the
+    config's `dist` section, whose `deepspeed` is set accordingly), the process group, and torch's
+    intra-op thread count (0 keeps torch's default)."""
+    cfg.deepspeed = cfg.deepspeed or discover().world_size > 1
+    env = setup(cfg.backend, use_deepspeed=cfg.deepspeed)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    return env
+
+
 def _interpreter_bin_first_on_path() -> None:
     """DeepSpeed JIT-loads its CPU comm op at init through torch, which runs `ninja` from PATH. A rank
     started where the environment's bin folder is not on PATH (an ssh session of the pdsh runner, a
@@ -158,62 +169,23 @@ def _unlink_shm_segment(env: DistEnv) -> None:
         pass
 
 
-def teardown() -> None:
-    """Destroy the process groups while the interpreter is still whole. A group left to interpreter
-    exit keeps gloo's worker threads running into finalisation, where a rank can abort after all its
-    work is done ("terminate called without an active exception"), and the launcher then fails the
-    whole job. DeepSpeed keeps its own references to the groups; they are dropped too, so every
-    group ends here except one that DeepSpeed holds from C++ (exit_process handles that one)."""
+def exit_process(code: int = 0) -> NoReturn:
+    """End an entry script (its `__main__` calls this with the exit code, and nothing else tears down).
+
+    The process group is destroyed while the interpreter is whole, then a process that ran one ends
+    at once, its output flushed, instead of finalising the interpreter: DeepSpeed 0.19.8 on CPU
+    (torch 2.13, gloo) keeps a gloo group referenced from C++ past destroy_process_group, and its
+    threads running into interpreter finalisation abort a rank whose work is done ("terminate called
+    without an active exception", exit code 250, measured in 2 of 10 two-rank launches without this), which fails
+    the whole launch. The other DeepSpeed workaround is at setup (_unlink_shm_segment)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.destroy_process_group()
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is not None and hasattr(groups, "_WORLD_GROUP"):
-        groups._WORLD_GROUP = None
-    comm = sys.modules.get("deepspeed.comm.comm")
-    backend = getattr(comm, "cdb", None) if comm is not None else None
-    if isinstance(getattr(backend, "process_groups", None), list):
-        backend.process_groups.clear()
-    gc.collect()  # DeepSpeed's engine holds groups inside reference cycles
-
-
-def release_engine(engine) -> None:
-    """Let a DeepSpeed engine go: it unhooks itself from the model and optimizer, so the cycles
-    that keep it (and the process groups it holds) alive can be collected before teardown()."""
-    destroy = getattr(engine, "destroy", None)
-    if callable(destroy):
-        destroy()
-
-
-def exit_process(code: int = 0) -> None:
-    """End an entry script. After teardown() a DeepSpeed run still has one process group held from
-    C++ (no Python reference is left to drop), and its gloo threads running through interpreter
-    finalisation can abort a rank whose work is done, failing the whole launch. So once all output
-    is flushed such a process ends at once; a process without live group threads exits normally."""
-    if live_group_threads() == 0:
         sys.exit(code)
+    dist.destroy_process_group()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(code)
-
-
-def live_group_threads() -> int:
-    """Native threads of gloo process groups still running in this process (Linux; 0 elsewhere)."""
-    names = []
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    names.append(f.read().strip())
-            except OSError:
-                pass
-    except OSError:
-        return 0
-    return sum(n.startswith("pt_gloo") for n in names)
 
 
 class _AllGather(torch.autograd.Function):
@@ -322,14 +294,6 @@ def agree(fn, what: str):
     if error is not None:
         raise error
     return result
-
-
-def broadcast_object(obj, src: int = 0):
-    if world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def all_gather_object(obj) -> list:

@@ -6,7 +6,6 @@ the training config has filled its "auto" entries, so a run means the same thing
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 from pathlib import Path
@@ -15,17 +14,12 @@ from typing import Any
 import torch
 
 from . import distributed as dist
-from .config import REPO_ROOT, Config
+from .config import Config, ConfigError, repo_path
 
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss or gradient norm (train.on_nonfinite); nothing non-finite
     was saved. The message names the step and the last good checkpoint."""
-
-
-def _resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO_ROOT / p
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -52,39 +46,43 @@ def authors_finetune(step: int, steps_per_epoch: int) -> float:
 
 
 def deepspeed_config(cfg: Config, total_steps: int) -> dict:
-    """The JSON named by dist.ds_config with every "auto" entry filled from the training config."""
-    path = _resolve(cfg.dist.ds_config)
+    """The JSON named by dist.ds_config with every "auto" entry filled from the training config.
+
+    The config is the one place for the optimizer, schedule, batch and precision: a JSON entry may
+    repeat a value but not contradict it (a concrete lr in the JSON used to win silently over optim.lr)."""
+    path = Path(repo_path(cfg.dist.ds_config))
     try:
         ds = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"dist.ds_config: {path} not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"dist.ds_config: {path} is not valid JSON: {e}") from None
-    ds = copy.deepcopy(ds)
 
-    def fill(d: dict, key: str, value: Any) -> None:
-        if d.get(key, "auto") == "auto":
+    def fill(d: dict, key: str, value: Any, name: str, where: str = "") -> None:
+        given = d.get(key, "auto")
+        if given == "auto":
             d[key] = value
+        elif (list(given) if isinstance(given, (list, tuple)) else given) != \
+                (list(value) if isinstance(value, (list, tuple)) else value):
+            raise ConfigError(f"dist.ds_config: {path} sets {where}{key}={given!r} but {name} is {value!r}; "
+                              f"set it in one place: {name} (with \"auto\" in the JSON)")
 
-    fill(ds, "train_micro_batch_size_per_gpu", cfg.train.batch_size)
-    fill(ds, "gradient_accumulation_steps", cfg.train.grad_accum)
-    fill(ds, "gradient_clipping", cfg.optim.grad_clip)
+    fill(ds, "train_micro_batch_size_per_gpu", cfg.train.batch_size, "train.batch_size")
+    fill(ds, "gradient_accumulation_steps", cfg.train.grad_accum, "train.grad_accum")
+    fill(ds, "gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip")
     ds.pop("train_batch_size", None) if ds.get("train_batch_size") == "auto" else None
-    opt = ds.setdefault("optimizer", {"type": "Adam", "params": {}})
-    params = opt.setdefault("params", {})
-    fill(params, "lr", cfg.optim.lr)
-    fill(params, "betas", list(cfg.optim.betas))
-    fill(params, "weight_decay", cfg.optim.weight_decay)
-    sched = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}})
-    sp = sched.setdefault("params", {})
-    fill(sp, "total_num_steps", total_steps)
-    fill(sp, "warmup_num_steps", max(1, cfg.optim.warmup_steps))  # DeepSpeed requires >= 1
-    fill(sp, "cos_min_ratio", cfg.optim.min_lr_ratio)
-    precision = cfg.train.precision
+    params = ds.setdefault("optimizer", {"type": "Adam", "params": {}}).setdefault("params", {})
+    fill(params, "lr", cfg.optim.lr, "optim.lr", "optimizer.params.")
+    fill(params, "betas", list(cfg.optim.betas), "optim.betas", "optimizer.params.")
+    fill(params, "weight_decay", cfg.optim.weight_decay, "optim.weight_decay", "optimizer.params.")
+    sp = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}}).setdefault("params", {})
+    fill(sp, "total_num_steps", total_steps, "the run's length (train.max_steps or train.epochs)", "scheduler.params.")
+    # DeepSpeed requires >= 1
+    fill(sp, "warmup_num_steps", max(1, cfg.optim.warmup_steps), "optim.warmup_steps", "scheduler.params.")
+    fill(sp, "cos_min_ratio", cfg.optim.min_lr_ratio, "optim.min_lr_ratio", "scheduler.params.")
     for key in ("bf16", "fp16"):
-        ds.setdefault(key, {})
-        if ds[key].get("enabled", "auto") == "auto":
-            ds[key]["enabled"] = precision == key
+        fill(ds.setdefault(key, {}), "enabled", cfg.train.precision == key, f"train.precision ({cfg.train.precision})",
+             f"{key}.")
     if cfg.dist.zero_stage >= 0:
         ds.setdefault("zero_optimization", {})["stage"] = cfg.dist.zero_stage
     return ds
@@ -203,6 +201,37 @@ class PlainEngine:
         """The last update's gradient norm, on the device (reading it is a host sync)."""
         return self.grad_norm
 
+    # DeepSpeed's checkpoint interface, so checkpoint.py treats both engines alike
+    def save_checkpoint(self, save_dir: str, tag: str, **_) -> None:
+        """The weights as model.safetensors; optimizer, schedule and step counters as optimizer.pt."""
+        from safetensors.torch import save_file
+
+        folder = Path(save_dir) / tag
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
+                  str(folder / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "micro": self.micro, "global_steps": self.global_steps}, folder / "optimizer.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True) -> tuple[str, dict]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(load_dir) / tag
+        try:
+            self.module.load_state_dict(load_file(str(folder / "model.safetensors")))
+        except (SafetensorError, OSError) as e:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({e})") from None
+        if load_optimizer_states:
+            opt = torch.load(folder / "optimizer.pt")
+            self.optimizer.load_state_dict(opt["optimizer"])
+            if load_lr_scheduler_states:
+                self.scheduler.load_state_dict(opt["scheduler"])
+            self.micro, self.global_steps = opt["micro"], opt["global_steps"]
+        return str(folder), {}
+
 
 def step_unless_nonfinite(engine, defer: bool = False):
     """engine.step(), except that an update whose gradient norm is NaN/inf is never applied
@@ -252,6 +281,8 @@ class NonFiniteGuard:
     would have raised at that step. `skip_step` must know at once whether a step counts (the step
     number, the schedule), so it reads every step (`sync`)."""
 
+    shared = True  # run state: the count of dropped updates goes into state.json
+
     def __init__(self, policy: str, max_in_row: int, device: torch.device | str = "cpu"):
         self.policy, self.max_in_row = policy, max_in_row
         self.skipped = self.in_row = 0
@@ -272,6 +303,12 @@ class NonFiniteGuard:
         self.first = torch.where(bad & (self.first[0] == 0), torch.stack([torch.full_like(what, at), what]),
                                  self.first)
         return applied
+
+    def state_dict(self) -> dict:
+        return {"nonfinite_skipped": self.skipped} if self.skipped else {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.skipped = sd.get("nonfinite_skipped", 0)
 
     def flag(self) -> torch.Tensor:
         """[1] float32 on the device: 1 when a non-finite update was noted since the last read."""

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-if __name__ == "__main__" and __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from trainer.config import REPO_ROOT, load_config, split_cli
+from data_pipeline.fs import atomic_write
+from trainer.config import REPO_ROOT, load_config, repo_path, split_cli
 
 KEY = ("setting", "pretrain_data", "finetune_data", "init", "recipe", "task", "horizon", "label_fraction", "mode")
 FIELDS = ("setting", "pretrain_data", "finetune_data", "init", "recipe", "task", "horizon", "mse", "mae",
@@ -47,15 +45,10 @@ class EvalConfig:
     finetune_config: str = "configs/finetune_etth1.yaml"
     finetune_overrides: list[str] = field(default_factory=list)
     horizons: list[int] = field(default_factory=lambda: [96, 192, 336, 720])
-    inits: list[str] = field(default_factory=lambda: ["simmtm", "random"])
+    inits: list[Literal["simmtm", "random"]] = field(default_factory=lambda: ["simmtm", "random"])
     launcher: str = ""  # e.g. "deepspeed --num_gpus 2" for distributed fine-tuning; empty: one process
     out: str = ""  # default runs/eval/<name>
     markdown: str = ""  # default <out>/results.md
-
-    def validate(self) -> None:
-        bad = [i for i in self.inits if i not in ("simmtm", "random")]
-        if bad:
-            raise ValueError(f"inits: {bad} not in ['simmtm', 'random']")
 
 
 def record_key(r: dict) -> tuple:
@@ -67,10 +60,7 @@ def load_records(path: Path) -> list[dict]:
 
 
 def save_records(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(path)
+    atomic_write(str(path), json.dumps(records, indent=1).encode())
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -108,26 +98,20 @@ def pretrain_stage(cfg: EvalConfig, out: Path) -> tuple[str, Optional[float]]:
                                f"(see {provenance}); remove it or set `published` to another folder")
     else:
         seconds = _run(cmd, out / "logs" / "pretrain.log")
-        (run_dir / "wall_seconds.json").write_text(json.dumps({"pretrain_wall_seconds": seconds}))
-        provenance.write_text(json.dumps({"command": cmd[1:]}))
+        atomic_write(str(run_dir / "wall_seconds.json"), json.dumps({"pretrain_wall_seconds": seconds}).encode())
+        atomic_write(str(provenance), json.dumps({"command": cmd[1:]}).encode())
     wall, summary = run_dir / "wall_seconds.json", run_dir / "summary.json"
     seconds = (json.loads(wall.read_text())["pretrain_wall_seconds"] if wall.exists()
                else json.loads(summary.read_text()).get("elapsed_s") if summary.exists() else None)
     return str(published), seconds
 
 
-def _repo_path(path: str) -> Path:
-    """Relative paths mean the same folder as for the stages, which run in the repo root."""
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 def _published(cfg: EvalConfig, out: Path) -> Path:
-    return _repo_path(cfg.published) if cfg.published else out / "pretrain" / "published"
+    return Path(repo_path(cfg.published, anchor=True)) if cfg.published else out / "pretrain" / "published"
 
 
 def run(cfg: EvalConfig) -> list[dict]:
-    out = _repo_path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
+    out = Path(repo_path(cfg.out, anchor=True)) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
     results = out / "results.json"
     records = load_records(results)
     done = {record_key(r) for r in records}
@@ -135,7 +119,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     ft_overrides = list(cfg.finetune_overrides)
     from trainer.finetune import FinetuneConfig  # the fine-tuning task as the stages will resolve it
 
-    ft_task = load_config(str(_repo_path(cfg.finetune_config)), ft_overrides, cls=FinetuneConfig).task
+    ft_task = load_config(repo_path(cfg.finetune_config, anchor=True), ft_overrides, cls=FinetuneConfig).task
     probe, frac = ft_task.mode, float(ft_task.label_fraction)
     todo = [(i, h) for h in horizons for i in cfg.inits
             if (cfg.setting, cfg.pretrain_data if i == "simmtm" else None, cfg.finetune_data, i, cfg.recipe,
@@ -172,8 +156,8 @@ def run(cfg: EvalConfig) -> list[dict]:
         save_records(results, records)
         print(f"  {tag}: " + " ".join(f"{k} {rec[k]:.4f}" for k in ("mse", "mae", "accuracy", "macro_f1", "auroc")
                                      if rec[k] is not None), flush=True)
-    md = _repo_path(cfg.markdown) if cfg.markdown else out / "results.md"
-    md.write_text(markdown(load_records(results)))
+    md = Path(repo_path(cfg.markdown, anchor=True)) if cfg.markdown else out / "results.md"
+    atomic_write(str(md), markdown(load_records(results)).encode())
     return load_records(results)
 
 
@@ -246,7 +230,7 @@ def report(paths: list[str], json_out: Optional[str], md_out: Optional[str]) -> 
         save_records(Path(json_out), records)
     text = markdown(records)
     if md_out:
-        Path(md_out).write_text(text)
+        atomic_write(md_out, text.encode())
     else:
         print(text)
     return records
@@ -284,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 def _is_suite(path: str) -> bool:
     import yaml
 
-    p = _repo_path(path) if not Path(path).exists() else Path(path)
+    p = Path(repo_path(path))
     try:
         return (yaml.safe_load(p.read_text()) or {}).get("kind") == "foundation"
     except (OSError, yaml.YAMLError):

@@ -24,27 +24,25 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal, Optional
-
-if __name__ == "__main__" and __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline import build_loader, load_split_array, resolve_manifest
+from data_pipeline import load_split_array, resolve_manifest
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.readers import read_input
+from data_pipeline.fs import atomic_write
+from data_pipeline.downstream import (classification_sets, forecast_windows, label_subset,
+                                      stream_forecast_windows)
 from models import Encoder
 from models.config import SimMTMConfig
 from models.baselines import DLinear, seasonal_naive
 from models.heads import Classifier, Forecaster
 from models.hub import load_state
 from trainer import distributed as dist
-from trainer.config import REPO_ROOT, DistConfig, OptimConfig, TrainConfig, load_config, split_cli, to_dict
+from trainer.config import DistConfig, OptimConfig, TrainConfig, load_config, repo_path, split_cli, to_dict
 from trainer.engine import NonFiniteError, NonFiniteGuard, build_engine, step_unless_nonfinite
 from trainer.metrics import (SUMS, SeasonalScale, classification_metrics, forecast_metrics, forecast_sums,
                              season_length, seasonal_scale)
@@ -159,39 +157,11 @@ class Split:
     seasonal: Optional[SeasonalScale] = None  # forecast: MASE's scale etc.; None: MSE/MAE only
 
 
-def _resolve(path: str) -> str:
-    p = Path(path)
-    if "://" in path or p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
-        return path
-    return str(REPO_ROOT / p)
-
-
-def _windows(arr: np.ndarray, seq_len: int, horizon: int, stride: int) -> Split:
-    """[C, T] -> every window of L+H rows starting at 0, stride, ... (split into input and target)."""
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.shape[1] < seq_len + horizon:
-        raise DataError(f"a split of {t.shape[1]} rows is shorter than input {seq_len} + horizon {horizon}")
-    w = t.unfold(1, seq_len + horizon, stride).permute(1, 0, 2).contiguous()  # [N, C, L+H]
-    return Split(w[..., :seq_len], w[..., seq_len:])
-
-
-def _stream_windows(cfg: DataConfig, split: str, seq_len: int, horizon: int, stride: int) -> Split:
-    """Multi-series shard sources: the pre-training stream, in order, with forecasting windows."""
-    dc = replace(cfg, window_stride=stride, shuffle=False, infinite=False, channels="multivariate")
-    loader = build_loader(dc, seq_len=seq_len + horizon, batch_size=256, split=split, overlap=seq_len,
-                          shuffle=False, drop_last=False)
-    batches = [b if isinstance(b, torch.Tensor) else torch.as_tensor(b) for b in loader]
-    if not batches:
-        raise DataError(f"{cfg.source}: no {split} windows of length {seq_len + horizon}")
-    w = torch.cat(batches).float()
-    return Split(w[..., :seq_len].contiguous(), w[..., seq_len:].contiguous())
-
-
 def _seasonal(cfg: FinetuneConfig, source: str, train: np.ndarray, seq_len: int) -> SeasonalScale:
     """The training split's seasonal scale, with the season from task.season or the manifest's frequency
     and the manifest's statistics (to undo the z-scoring for sMAPE)."""
     dc = cfg.data
-    m = resolve_manifest(source, cache_dir=_resolve(dc.cache_dir), storage_options=dc.storage_options or None)
+    m = resolve_manifest(source, cache_dir=repo_path(dc.cache_dir, anchor=True), storage_options=dc.storage_options or None)
     season = cfg.task.season or season_length(m.get("freq"))
     season = season if season <= seq_len else 1
     st = m["stats"]
@@ -202,88 +172,27 @@ def _seasonal(cfg: FinetuneConfig, source: str, train: np.ndarray, seq_len: int)
 def forecast_data(cfg: FinetuneConfig, seq_len: int) -> dict[str, Split]:
     """train (data.window_stride), val (task.val_stride) and test (task.test_stride, default every
     window), z-scored on train stats; single-series sets carry their training split's seasonal scale."""
-    dc, h = replace(cfg.data, source=_resolve(cfg.data.source)), cfg.task.horizon
+    dc, h = replace(cfg.data, source=repo_path(cfg.data.source)), cfg.task.horizon
     strides = {"train": dc.window_stride, "val": cfg.task.val_stride, "test": cfg.task.test_stride}
     out, seasonal = {}, None
     for split, stride in strides.items():
         try:
-            arr = load_split_array(dc.source, split, seq_len, cache_dir=_resolve(dc.cache_dir),
+            arr = load_split_array(dc.source, split, seq_len, cache_dir=repo_path(dc.cache_dir, anchor=True),
                                    storage_options=dc.storage_options or None)
             if split == "train":
                 seasonal = _seasonal(cfg, dc.source, arr, seq_len)
-            out[split] = replace(_windows(arr, seq_len, h, stride), seasonal=seasonal)
+            out[split] = Split(*forecast_windows(arr, seq_len, h, stride), seasonal=seasonal)
         except DataError as e:
             if "exactly one time-split series" not in str(e):
                 raise
-            out[split] = _stream_windows(dc, split, seq_len, h, stride)
+            out[split] = Split(*stream_forecast_windows(dc, split, seq_len, h, stride))
     return out
 
 
-def _load_pt(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    d = torch.load(path, weights_only=True)
-    if not isinstance(d, dict) or "samples" not in d or "labels" not in d:
-        raise DataError(f"{path}: expected a dict with 'samples' [N, C, L] and 'labels' [N]")
-    x = torch.as_tensor(d["samples"]).float()
-    if x.dim() == 2:
-        x = x[:, None]
-    return x, torch.as_tensor(d["labels"]).long().view(-1)
-
-
-def _load_archive(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """UCR `.tsv` or UEA `.ts` (the pre-training readers): [N, C, L] and labels (remapped later);
-    ragged, NaN-holding or unlabelled sets are refused, naming the file."""
-    raw = read_input(str(path))
-    shapes = {s.values.shape for s in raw.series}
-    if len(shapes) != 1:
-        raise DataError(f"{path}: series of different shapes {sorted(shapes)[:4]}: fine-tuning needs equal "
-                        f"channels and length (resample the set first)")
-    if any(s.label is None for s in raw.series):
-        raise DataError(f"{path}: unlabelled series")
-    x = np.stack([s.values for s in raw.series])
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: NaN/missing values are not supported for fine-tuning")
-    return torch.from_numpy(x).float(), torch.tensor([s.label for s in raw.series])
-
-
-def _carve_val(x: torch.Tensor, y: torch.Tensor, frac: float, seed: int):
-    """Stratified, seeded validation split out of the training set (sets that ship none)."""
-    rng = np.random.default_rng(seed)
-    val_idx = []
-    for c in np.unique(y.numpy()):
-        idx = np.flatnonzero(y.numpy() == c)
-        rng.shuffle(idx)
-        val_idx.extend(idx[:max(1, int(round(frac * len(idx))))] if len(idx) > 1 else [])
-    mask = np.zeros(len(y), bool)
-    mask[val_idx] = True
-    return (x[~mask], y[~mask]), (x[mask], y[mask])
-
-
 def classify_data(cfg: FinetuneConfig) -> dict[str, Split]:
-    """TF-C `.pt` folders (test := val.pt when no test.pt ships, e.g. Epilepsy, then val is carved
-    from train) or UCR `*_TRAIN.tsv` / UEA `*_TRAIN.ts` + `*_TEST` folders (val carved from train)."""
-    root = Path(_resolve(cfg.data.source))
-    if not root.is_dir():
-        raise DataError(f"data.source {root}: classification expects a folder of TF-C .pt, UCR .tsv or UEA .ts files")
-    seed = cfg.train.seed
-    if (root / "train.pt").exists():
-        tr = _load_pt(root / "train.pt")
-        if (root / "test.pt").exists():
-            te = _load_pt(root / "test.pt")
-            va = _load_pt(root / "val.pt") if (root / "val.pt").exists() else None
-        elif (root / "val.pt").exists():
-            te, va = _load_pt(root / "val.pt"), None
-        else:
-            raise DataError(f"{root}: train.pt without test.pt or val.pt")
-    else:
-        ext = next((e for e in (".tsv", ".tsv.gz", ".ts", ".ts.gz") if list(root.glob(f"*_TRAIN{e}"))), ".ts")
-        trains, tests = sorted(root.glob(f"*_TRAIN{ext}")), sorted(root.glob(f"*_TEST{ext}"))
-        if len(trains) != 1 or len(tests) != 1:
-            raise DataError(f"{root}: expected train.pt (TF-C), or one NAME_TRAIN.tsv + NAME_TEST.tsv (UCR), "
-                            f"or one NAME_TRAIN.ts + NAME_TEST.ts (UEA), optionally gzipped (.gz)")
-        tr, te, va = _load_archive(trains[0]), _load_archive(tests[0]), None  # labels remapped in finetune()
-    if va is None:
-        tr, va = _carve_val(*tr, cfg.task.val_fraction, seed)
-    return {"train": Split(*tr), "val": Split(*va), "test": Split(*te)}
+    """The labelled set in data.source (data_pipeline/downstream.py), labels as read (remapped in finetune())."""
+    sets = classification_sets(repo_path(cfg.data.source), cfg.task.val_fraction, cfg.train.seed)
+    return {k: Split(*v) for k, v in sets.items()}
 
 
 def fit_length(split: Split, seq_len: int, how: str, what: str) -> Split:
@@ -294,21 +203,6 @@ def fit_length(split: Split, seq_len: int, how: str, what: str) -> Split:
         raise ValueError(f"{what}: series length {length} does not match the checkpoint's seq_len {seq_len} "
                          f"(set task.fit_length=interpolate to resample, or pre-train with model.seq_len={length})")
     return Split(F.interpolate(split.x, size=seq_len, mode="linear", align_corners=True), split.y)
-
-
-def label_subset(n: int, fraction: float, seed: int, labels: Optional[np.ndarray] = None) -> np.ndarray:
-    """Sorted indices of a reproducible `fraction` of n training items: ceil(fraction * n) overall, or
-    per class (at least one each) when labels are given, so every class keeps an example."""
-    if fraction >= 1.0:
-        return np.arange(n)
-    rng = np.random.default_rng(seed + 9973)
-    if labels is None:
-        return np.sort(rng.permutation(n)[:max(1, math.ceil(fraction * n))])
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        keep.extend(rng.permutation(idx)[:max(1, math.ceil(fraction * len(idx)))])
-    return np.sort(np.asarray(keep))
 
 
 # ----------------------------------------------------------------------------- model
@@ -342,13 +236,13 @@ def build_model(cfg: FinetuneConfig, num_classes: int = 0) -> tuple[torch.nn.Mod
     adapters on the encoder (task.mode=lora); or the DLinear baseline (task.baseline)."""
     if cfg.task.baseline:  # the window length of the model it stands in for
         src = cfg.arch or ("" if cfg.init == "random" else cfg.init)
-        arch = load_state(_resolve(src), cfg.storage_options or None)[0] if src else cfg.model
+        arch = load_state(repo_path(src), cfg.storage_options or None)[0] if src else cfg.model
         torch.manual_seed(cfg.train.seed + 1)
         return DLinear(arch.seq_len, cfg.task.horizon), arch
     if cfg.init == "random":
-        arch = load_state(_resolve(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model
+        arch = load_state(repo_path(cfg.arch), cfg.storage_options or None)[0] if cfg.arch else cfg.model
     else:
-        arch, state, _ = load_state(_resolve(cfg.init), cfg.storage_options or None)
+        arch, state, _ = load_state(repo_path(cfg.init), cfg.storage_options or None)
     if cfg.task.dropout is not None:  # a fine-tuning setting, not part of the weights
         arch = replace(arch, dropout=cfg.task.dropout)
     if cfg.init == "random":
@@ -475,19 +369,14 @@ METRICS = ("mse", "mae", "mase", "smape", "skill", "accuracy", "macro_f1", "auro
 def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> dict:
     """Train with validation-only selection, evaluate the selected weights once on test; the result
     dict (same on every rank) has the metrics, timings, history and the selected epoch."""
-    cfg.task.validate()
     if cfg.train.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
-    world = dist.discover().world_size
-    cfg.dist.deepspeed = cfg.dist.deepspeed or world > 1
-    env = dist.setup(cfg.dist.backend, use_deepspeed=cfg.dist.deepspeed)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
+    env = dist.start(cfg.dist, cfg.train.num_threads)
     kind = cfg.task.kind
     seed = cfg.train.seed
     if data is None:
         if kind == "forecast":
-            seq_len = (load_state(_resolve(cfg.arch or cfg.init), cfg.storage_options or None)[0].seq_len
+            seq_len = (load_state(repo_path(cfg.arch or cfg.init), cfg.storage_options or None)[0].seq_len
                        if (cfg.init != "random" or cfg.arch) else cfg.model.seq_len)
             data = forecast_data(cfg, seq_len)
         else:
@@ -618,15 +507,13 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
             + (" ".join(f"{k} {v:.4f}" for k, v in metrics.items()) if cfg.task.evaluate_test else "not evaluated")
             + f"; train {train_seconds:.0f}s", flush=True)
         if cfg.out:
-            Path(cfg.out).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.out) / "result.json").write_text(json.dumps({**result, "config": to_dict(cfg)}, indent=2))
+            atomic_write(f"{cfg.out}/result.json", json.dumps({**result, "config": to_dict(cfg)}, indent=2).encode())
             if not cfg.task.baseline:  # a baseline is a reference row in results, not a model to keep
                 from trainer.predict import save_finetuned  # trainer.predict imports this module
 
                 saved = save_finetuned(merged_for_export(module), cfg, train.x.shape[1],
                                        classes if kind == "classify" else None)
                 log(f"  model (for python -m trainer.predict): {saved}", flush=True)
-    dist.release_engine(engine)
     result["_model"] = module
     return result
 
@@ -639,11 +526,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         return None
     path, overrides = split_cli(argv)
     cfg = load_config(path, overrides, cls=FinetuneConfig)
-    try:
-        result = finetune(cfg)
-        dist.barrier() if dist.discover().world_size > 1 else None
-    finally:
-        dist.teardown()
+    result = finetune(cfg)
+    dist.barrier()
     result.pop("_model", None)
     return result
 

@@ -29,8 +29,8 @@ from data_pipeline.errors import DataError
 from data_pipeline.readers import date_column, infer_freq
 from models.heads import Classifier, Forecaster
 from models.hub import CONFIG, join, locate, read_bytes
-from trainer.config import to_dict
-from trainer.finetune import FinetuneConfig, _resolve
+from trainer.config import repo_path, to_dict
+from trainer.finetune import FinetuneConfig
 
 MODEL_DIR = "model"  # the fine-tuned model's folder inside a fine-tuning run's `out`
 BATCH = 256  # windows per forward pass
@@ -45,7 +45,8 @@ def prediction_spec(cfg: FinetuneConfig, channels: int, classes: Optional[np.nda
         return {"channels": None, "num_channels": channels, "normalization": {"kind": "none"},
                 "labels": [int(c) for c in classes]}
     dc = cfg.data
-    m = resolve_manifest(_resolve(dc.source), cache_dir=_resolve(dc.cache_dir), storage_options=dc.storage_options or None)
+    m = resolve_manifest(repo_path(dc.source), cache_dir=repo_path(dc.cache_dir, anchor=True),
+                         storage_options=dc.storage_options or None)
     single = sum(e["samples"] for e in m["shards"] if e.get("borders")) == 1
     if single or dc.normalize:
         norm = {"kind": "zscore", "mean": m["stats"]["mean"], "std": m["stats"]["std"]}
@@ -199,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = ap.parse_args(argv)
     text = predict(a.model, a.data, rolling=a.rolling).to_csv(index=False)
     if a.out:
-        fs.write_bytes(a.out, text.encode())
+        fs.atomic_write(a.out, text.encode())
         print(f"wrote {a.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

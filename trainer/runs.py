@@ -51,8 +51,9 @@ def newest_resumable(ckpt_dir: Path) -> str:
                                      f"(only weights-only ones, ckpt.save_optimizer_every)")
 
 
-def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
-    """(checkpoint folder, tag to resume from or None) for ckpt.resume = none | auto | <path>.
+def resume_point(cfg: Config) -> Optional[checkpoint.ResumePoint]:
+    """The checkpoint ckpt.resume = none | auto | <path> names (None: a new run). A new run into a
+    folder holding another run, and a checkpoint saved without its optimizer state, are refused.
 
     Not collective: every rank reads the same files before the process group exists.
     """
@@ -68,7 +69,7 @@ def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
                 tag = remote
         if tag is not None and not checkpoint.read_state(ckpt_dir, tag).get("resumable", True):
             tag = newest_resumable(ckpt_dir)  # the weights-only ones after it are trained again
-        return ckpt_dir, tag
+        return _point(ckpt_dir, tag)
     if cfg.ckpt.resume in ("none", "auto"):
         source = None
     else:
@@ -76,14 +77,54 @@ def find_resume(cfg: Config) -> tuple[Path, Optional[str]]:
         if not (source / checkpoint.COMPLETE).is_file():
             raise checkpoint.CheckpointError(f"ckpt.resume: {source} is not a complete checkpoint folder")
         if source.parent.resolve() == ckpt_dir.resolve():
-            return source.parent, source.name  # this run's own checkpoint: a continuation or a rollback
+            return _point(source.parent, source.name)  # this run's own checkpoint: a continuation or a rollback
     found = previous_run(run_dir)
     if found and not cfg.ckpt.overwrite:
         start = "starting from " + str(source) if source else "a new run"
         raise RunFolderError(
             f"ckpt.dir={run_dir} already holds another run ({found}); {start} would mix with it. "
             f"Continue it with ckpt.resume=auto, pick a new ckpt.dir, or replace it with ckpt.overwrite=true")
-    return (source.parent, source.name) if source else (ckpt_dir, None)
+    return _point(source.parent, source.name) if source else None
+
+
+def _point(folder: Path, tag: Optional[str]) -> Optional[checkpoint.ResumePoint]:
+    if tag is None:
+        return None
+    state = checkpoint.read_state(folder, tag)
+    if not state.get("resumable", True):
+        raise checkpoint.CheckpointError(
+            f"{folder / tag}: holds weights only (ckpt.save_optimizer_every), so training cannot "
+            f"continue from it exactly; resume from a checkpoint saved with its optimizer state")
+    return checkpoint.ResumePoint(folder, tag, state)
+
+
+def prepare(cfg: Config, point: Optional[checkpoint.ResumePoint], is_main: bool) -> str:
+    """ckpt.overwrite clears the folder; resuming this run from an older checkpoint starts a branch.
+    Returns a note for the log. Collective."""
+    run_dir, ckpt_dir = Path(cfg.ckpt.dir), Path(cfg.ckpt.dir) / "checkpoints"
+    own = point is not None and point.dir.resolve() == ckpt_dir.resolve()
+    if cfg.ckpt.overwrite and not own:
+        gone = dist.agree(lambda: clear(run_dir) if is_main else [], f"clearing {run_dir}")
+        return f", replacing the run in {run_dir} (removed {', '.join(gone)})" if gone else ""
+    if own:
+        aside = dist.agree(lambda: branch(ckpt_dir, point.tag, cfg.ckpt.remote, cfg.ckpt.storage_options)
+                           if is_main else None, f"branching {ckpt_dir} at {point.tag}")
+        if aside is not None:
+            return f", a new branch from {point.tag}: the newer checkpoints moved to {aside}"
+    return ""
+
+
+def restore_best(ckpt_dir: Path, point: checkpoint.ResumePoint, is_main: bool) -> Optional[dict]:
+    """The best checkpoint as of the resumed one, its pointer put back to match (a rollback may have
+    left one naming a checkpoint of the abandoned timeline). A best held in another run's folder
+    (ckpt.resume=<path> elsewhere) does not carry over: selection starts afresh. Collective."""
+    best = point.state.get("best") if point.dir.resolve() == ckpt_dir.resolve() else None
+    if best is not None and not (ckpt_dir / best["tag"] / checkpoint.COMPLETE).exists():
+        best = None
+    # always rewritten: resuming from another folder must not leave this folder's stale pointer behind
+    dist.agree(lambda: checkpoint.set_best(ckpt_dir, best["tag"] if best else None) if is_main else None,
+               f"restoring {ckpt_dir / checkpoint.BEST}")
+    return best
 
 
 def clear(run_dir: Path) -> list[str]:

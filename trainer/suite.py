@@ -24,8 +24,9 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from trainer.config import REPO_ROOT, load_config, to_dict
-from trainer.evaluate import _repo_path, load_records, save_records
+from data_pipeline import fs
+from trainer.config import REPO_ROOT, load_config, repo_path, to_dict
+from trainer.evaluate import load_records, save_records
 
 # regime -> (task.mode, task.label_fraction)
 REGIMES = {"full": ("full", 1.0), "label10": ("full", 0.1), "linear_probe": ("linear_probe", 1.0),
@@ -63,7 +64,7 @@ class SuiteConfig:
     init_overrides: dict = field(default_factory=dict)
     regimes: list[str] = field(default_factory=lambda: list(REGIMES))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    inits: list[str] = field(default_factory=lambda: ["simmtm", "random"])
+    inits: list[Literal["simmtm", "random"]] = field(default_factory=lambda: ["simmtm", "random"])
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # forecasting sets only
     tasks: list[SuiteTask] = field(default_factory=list)
     out: str = ""  # default runs/eval/<name>
@@ -73,8 +74,6 @@ class SuiteConfig:
         bad = [r for r in self.regimes if r not in REGIMES]
         if bad:
             raise ValueError(f"regimes: {bad} not in {list(REGIMES)}")
-        if [i for i in self.inits if i not in ("simmtm", "random")]:
-            raise ValueError(f"inits: {self.inits}: only simmtm and random")
         if [b for b in self.baselines if b not in BASELINES]:
             raise ValueError(f"baselines: {self.baselines}: only {list(BASELINES)}")
         if not self.seeds:
@@ -96,7 +95,7 @@ DATA_KEYS = ("data.", "task.val_stride", "task.test_stride", "task.val_fraction"
 
 
 def out_dir(cfg: SuiteConfig) -> Path:
-    return _repo_path(cfg.out) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
+    return Path(repo_path(cfg.out, anchor=True)) if cfg.out else REPO_ROOT / "runs" / "eval" / cfg.name
 
 
 def _published(cfg: SuiteConfig) -> str:
@@ -160,7 +159,7 @@ def run(cfg: SuiteConfig, only: Optional[list[str]] = None) -> list[dict]:
                              f"data.source={task.source}", f"task.mode={mode}",
                              f"task.label_fraction={frac}", *([f"train.seed={seed}"] if seed is not None else []),
                              *weights[init], *([f"task.horizon={h}"] if h is not None else [])]
-                ft = load_config(str(_repo_path(cfg.finetune_config)), overrides, cls=FinetuneConfig)
+                ft = load_config(repo_path(cfg.finetune_config, anchor=True), overrides, cls=FinetuneConfig)
                 # data once per set (and per seed where the validation carve depends on it)
                 dkey = seed if task.kind == "classify" else None
                 if dkey not in cache:
@@ -183,10 +182,9 @@ def run(cfg: SuiteConfig, only: Optional[list[str]] = None) -> list[dict]:
                 print(f"[suite {time.perf_counter() - t_suite:6.0f}s] {task.name}"
                       f"{'/H' + str(h) if h else ''} {regime} seed {seed} {init}: {metric} "
                       f"({rec['wall_seconds']:.1f}s)", flush=True)
-    md = _repo_path(cfg.markdown) if cfg.markdown else out / "results.md"
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(markdown(records, cfg))
-    (out / "suite_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    md = Path(repo_path(cfg.markdown, anchor=True)) if cfg.markdown else out / "results.md"
+    fs.atomic_write(str(md), markdown(records, cfg).encode())
+    fs.atomic_write(str(out / "suite_config.json"), json.dumps(to_dict(cfg), indent=2).encode())
     return records
 
 
