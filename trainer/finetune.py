@@ -369,6 +369,7 @@ METRICS = ("mse", "mae", "mase", "smape", "skill", "accuracy", "macro_f1", "auro
 def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> dict:
     """Train with validation-only selection, evaluate the selected weights once on test; the result
     dict (same on every rank) has the metrics, timings, history and the selected epoch."""
+    cfg.task.validate()  # again for callers that built the config in code (load_config validated it)
     if cfg.train.epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     env = dist.start(cfg.dist, cfg.train.num_threads)
@@ -514,6 +515,7 @@ def finetune(cfg: FinetuneConfig, data: Optional[dict[str, Split]] = None) -> di
                 saved = save_finetuned(merged_for_export(module), cfg, train.x.shape[1],
                                        classes if kind == "classify" else None)
                 log(f"  model (for python -m trainer.predict): {saved}", flush=True)
+    engine.destroy()
     result["_model"] = module
     return result
 

@@ -208,5 +208,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     from trainer import cli
+    from trainer import distributed as dist
 
-    sys.exit(cli.run(main))
+    dist.exit_process(cli.run(main))

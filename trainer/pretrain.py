@@ -342,6 +342,7 @@ class Pretraining:
         self.monitor.hparams(runs.flatten(to_dict(cfg)),
                              {"final/loss_rec": summary["last"]["loss_rec"] if state.history else 0.0})
         self.monitor.close()
+        self.engine.destroy()
         if env.is_main:
             if cfg.ckpt.publish:
                 summary.update(self.publish())

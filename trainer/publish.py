@@ -18,7 +18,6 @@ import argparse
 import datetime as _dt
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -190,5 +189,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":
     from trainer import cli
+    from trainer import distributed as dist
 
-    sys.exit(cli.run(main))
+    dist.exit_process(cli.run(main))

@@ -53,7 +53,8 @@ def newest_resumable(ckpt_dir: Path) -> str:
 
 def resume_point(cfg: Config) -> Optional[checkpoint.ResumePoint]:
     """The checkpoint ckpt.resume = none | auto | <path> names (None: a new run). A new run into a
-    folder holding another run, and a checkpoint saved without its optimizer state, are refused.
+    folder holding another run is refused, and so is a checkpoint named by path that was saved
+    without its optimizer state; auto takes the newest one saved with it.
 
     Not collective: every rank reads the same files before the process group exists.
     """
