@@ -89,6 +89,23 @@ def announce(request, line: str) -> None:
             reporter.write(f"\n{line}\n")  # on a line of its own, after any progress dots
 
 
+def serve(request, cluster, what: str, started, stopped: str, after_stop=None):
+    """A module fixture's body: start `cluster`, announce `started(seconds it took)`, yield it; then
+    stop it, fail if any of its processes is left (or `after_stop` finds something left), announce
+    `stopped`. Use as `yield from serve(...)`."""
+    try:
+        start = time.time()
+        cluster.start()
+        announce(request, started(time.time() - start))
+        yield cluster
+    finally:
+        left = cluster.stop()
+        assert not left, f"processes left behind by {what}: {left}"
+        if after_stop is not None:
+            after_stop()
+        announce(request, stopped)
+
+
 def versions(*commands) -> str:
     """First line of each `tool --version`-like command's output, e.g. 'slurm-wlm 22.05.8'."""
     out = []

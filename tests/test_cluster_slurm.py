@@ -12,14 +12,13 @@ interrupted are held inside the save of step 4 by tests/cluster_hooks (a sitecus
 nothing in the trainer), so both land at the same point every time.
 """
 import json
-import time
 
 import pytest
 
 from trainer.checkpoint import latest_tag, verify
 
-from .cluster_utils import (HOOKS, SlurmCluster, announce, install, read_reports, skip_module_unless, versions,
-                            wait_for)
+from .cluster_utils import (HOOKS, SlurmCluster, install, read_reports, serve, skip_module_unless,
+                            versions, wait_for)
 from .launch_utils import TINY, summary
 
 skip_module_unless("slurm")  # one printed reason where root or the Debian packages are missing
@@ -36,16 +35,10 @@ JOB_TIMEOUT = 300
 def slurm(request, tmp_path_factory):
     install("slurm")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        start = time.time()
-        cluster.start()
-        announce(request, f"slurm cluster tests: node {cluster.node} idle in {time.time() - start:.1f} s "
-                          f"({versions(['slurmctld', '-V'], ['munged', '--version'])})")
-        yield cluster
-    finally:
-        left = cluster.stop()
-        assert not left, f"processes left behind by the Slurm cluster: {left}"
-        announce(request, "slurm cluster tests: munged, slurmctld, slurmd and every job stopped (none left in ps)")
+    yield from serve(request, cluster, "the Slurm cluster",
+                     lambda s: f"slurm cluster tests: node {cluster.node} idle in {s:.1f} s "
+                               f"({versions(['slurmctld', '-V'], ['munged', '--version'])})",
+                     "slurm cluster tests: munged, slurmctld, slurmd and every job stopped (none left in ps)")
 
 
 @pytest.fixture(autouse=True)

@@ -27,8 +27,8 @@ import pytest
 from trainer.config import REPO_ROOT
 from trainer.distributed import SHM_DIR, shm_segment_name
 
-from .cluster_utils import (ETC_HOSTS, HOOKS, HOSTS, SshHosts, announce, install, read_reports, skip_module_unless,
-                            versions, wait_for)
+from .cluster_utils import (ETC_HOSTS, HOOKS, HOSTS, SshHosts, install, read_reports, skip_module_unless,
+                            serve, versions, wait_for)
 from .launch_utils import VENV_BIN, deepspeed_cmd, free_port, summary
 
 skip_module_unless("ssh")  # one printed reason where root or the Debian packages are missing
@@ -43,16 +43,15 @@ FIRST, SECOND = f"step_{EVERY:08d}", f"step_{2 * EVERY:08d}"
 def hosts(request, tmp_path_factory):
     install("ssh")
     h = SshHosts(tmp_path_factory.mktemp("ssh"))
-    try:
-        h.start()
-        announce(request, f"ssh cluster tests: sshd on {', '.join(f'{n}={a}' for n, a in HOSTS.items())} "
-                          f"({versions(['ssh', '-V'], ['pdsh', '-V'])}, DeepSpeed {version('deepspeed')})")
-        yield h
-    finally:
-        left = h.stop()
-        assert not left, f"processes left behind by the ssh hosts: {left}"
+
+    def etc_hosts_restored() -> None:
         assert h.daemons.token not in ETC_HOSTS.read_text()  # its /etc/hosts lines are gone
-        announce(request, "ssh cluster tests: sshd and every session stopped (none left in ps), /etc/hosts restored")
+
+    yield from serve(request, h, "the ssh hosts",
+                     lambda s: f"ssh cluster tests: sshd on {', '.join(f'{n}={a}' for n, a in HOSTS.items())} "
+                               f"({versions(['ssh', '-V'], ['pdsh', '-V'])}, DeepSpeed {version('deepspeed')})",
+                     "ssh cluster tests: sshd and every session stopped (none left in ps), /etc/hosts restored",
+                     etc_hosts_restored)
 
 
 @pytest.fixture(autouse=True)

@@ -32,10 +32,9 @@ def fused_everywhere(monkeypatch):
     monkeypatch.setattr(engine_mod, "fused_adam", lambda device: True)
 
 
-def reads_per_step(monkeypatch) -> dict:
-    """{training forward number: [host reads by the main thread after it]}: Tensor -> Python reads,
-    counted by the step whose forward ran last (0: before the first)."""
-    seen, reads = {"n": 0}, defaultdict(list)
+def count_training_forwards(monkeypatch) -> dict:
+    """{"n": training forwards of SimMTM so far}, kept current while the test runs."""
+    seen = {"n": 0}
     forward = SimMTM.forward
 
     def counted(self, *args, **kwargs):
@@ -43,6 +42,13 @@ def reads_per_step(monkeypatch) -> dict:
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(SimMTM, "forward", counted)
+    return seen
+
+
+def reads_per_step(monkeypatch) -> dict:
+    """{training forward number: [host reads by the main thread after it]}: Tensor -> Python reads,
+    counted by the step whose forward ran last (0: before the first)."""
+    seen, reads = count_training_forwards(monkeypatch), defaultdict(list)
     for name in HOST_READS:
         real = getattr(torch.Tensor, name)
 
@@ -209,14 +215,7 @@ def test_no_cuda_synchronisation_between_log_steps(tmp_path, monkeypatch):
     with log_every=5 over 10 steps none may come from steps 2-4 or 6-9 (plain engine, fp32)."""
     import warnings
 
-    seen, where = {"n": 0}, defaultdict(list)
-    forward = SimMTM.forward
-
-    def counted(self, *args, **kwargs):
-        seen["n"] += self.training
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(SimMTM, "forward", counted)
+    seen, where = count_training_forwards(monkeypatch), defaultdict(list)
     shown = warnings.showwarning
 
     def record(message, category, filename, lineno, *args, **kwargs):
